@@ -1,0 +1,245 @@
+"""Building blocks shared by both levels (and by the text-to-image model).
+
+RMSNorm, SwiGLU, the GELU pixel MLP, rotary attention with qk-norm, the 2D RoPE and 2D sin-cos
+tables, the timestep and class embedders, and the helpers that stack identical blocks under
+``nnx.vmap`` and run them with ``nnx.scan`` + ``nnx.remat``.
+
+Every parameter carries logical axis names (``nnx.with_partitioning``); only
+``pixeldit_jax.sharding`` maps those names onto a device mesh. Initialisers follow spec §4.5:
+unless a module says otherwise, a Linear gets PyTorch's default init (weight and bias uniform in
+±1/sqrt(fan_in)), because that is what the released checkpoints were trained from.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Axes = Sequence[Optional[str]]
+LAYERS_AXIS = "layers"  # logical name of the leading axis of scanned (stacked) blocks
+
+
+# ----------------------------------------------------------------------------- initialisers
+
+def torch_uniform(fan_in: int) -> nnx.Initializer:
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch.nn.Linear's default for weights and biases."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+zeros = nnx.initializers.zeros_init()
+
+
+def normal(std: float) -> nnx.Initializer:
+  return nnx.initializers.normal(stddev=std)
+
+
+def linear(in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs, use_bias: bool = True,
+           kernel_init: Optional[nnx.Initializer] = None, bias_init: Optional[nnx.Initializer] = None,
+           dtype=jnp.float32, param_dtype=jnp.float32) -> nnx.Linear:
+  """nnx.Linear with logical axis names (in, out) and torch-default init unless overridden."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(kernel_init or torch_uniform(in_features), tuple(axes)),
+      bias_init=nnx.with_partitioning(bias_init or torch_uniform(in_features), (axes[1],)),
+      rngs=rngs)
+
+
+# ----------------------------------------------------------------------------- norms and MLPs
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learnable scale; statistics in fp32, result in the input dtype (spec §1.2)."""
+
+  def __init__(self, dim: int, *, axis_name: str = "norm", eps: float = 1e-6, param_dtype=jnp.float32):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return y.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """Bias-free SwiGLU FFN of the patch blocks: w2(silu(w1 x) * w3 x)."""
+
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
+    self.w1 = linear(dim, hidden, ("embed", "mlp"), **kw)
+    self.w3 = linear(dim, hidden, ("embed", "mlp"), **kw)
+    self.w2 = linear(hidden, dim, ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    return self.w2(nnx.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nnx.Module):
+  """Per-pixel MLP of the PiT blocks: Linear -> GELU (exact erf) -> Linear, with biases."""
+
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.fc1 = linear(dim, hidden, ("pixel", "pixel_mlp"), **kw)
+    self.fc2 = linear(hidden, dim, ("pixel_mlp", "pixel"), **kw)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+# ----------------------------------------------------------------------------- position tables
+
+def rope_2d_table(head_dim: int, height: int, width: int, *, theta: float = 10000.0,
+                  scale: float = 16.0) -> tuple[np.ndarray, np.ndarray]:
+  """cos/sin tables (height*width, head_dim/2) for interleaved 2D RoPE on a raster-order grid.
+
+  Positions are normalised: x = linspace(0, scale, width), y = linspace(0, scale, height), so any
+  grid spans [0, scale]. There are head_dim/4 frequencies theta^(-4i/head_dim); rotation pair
+  2i uses the x-frequency i and pair 2i+1 the y-frequency i (spec §8).
+  """
+  freqs = 1.0 / theta ** (np.arange(0, head_dim, 4)[: head_dim // 4].astype(np.float32) / head_dim)
+  y, x = np.meshgrid(np.linspace(0, scale, height, dtype=np.float32),
+                     np.linspace(0, scale, width, dtype=np.float32), indexing="ij")
+  angles = np.stack([np.outer(x.reshape(-1), freqs), np.outer(y.reshape(-1), freqs)], axis=-1)
+  angles = angles.reshape(height * width, head_dim // 2).astype(np.float32)
+  return np.cos(angles), np.sin(angles)
+
+
+def rope_1d_table(head_dim: int, length: int, *, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+  """cos/sin tables (length, head_dim/2) for 1D RoPE on integer positions (text tokens)."""
+  freqs = 1.0 / theta ** (np.arange(0, head_dim, 2)[: head_dim // 2].astype(np.float32) / head_dim)
+  angles = np.outer(np.arange(length, dtype=np.float32), freqs)
+  return np.cos(angles), np.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate adjacent channel pairs (2k, 2k+1) of x (..., T, heads, head_dim) in fp32."""
+  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  x0, x1 = xf[..., 0], xf[..., 1]
+  cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+  out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def sincos_2d_table(dim: int, height: int, width: int) -> np.ndarray:
+  """Fixed 2D sin-cos embedding (height*width, dim) on integer pixel coordinates (MAE layout).
+
+  The first half encodes the column (x), the second the row (y); each half is [sin | cos] with
+  frequencies 10000^(-k/(dim/4)). Not normalised, so it extrapolates with resolution (spec §8).
+  """
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+  def encode(pos):
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  y, x = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
+                     indexing="ij")
+  return np.concatenate([encode(x), encode(y)], axis=1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- attention
+
+class RotaryAttention(nnx.Module):
+  """Multi-head self-attention: bias-free fused qkv, qk-RMSNorm, then RoPE, SDPA, biased proj."""
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+               attention_impl: Optional[str] = None):
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.attention_impl = attention_impl
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.qkv = linear(dim, 3 * dim, ("embed", "heads"), use_bias=False, **kw)
+    self.q_norm = RMSNorm(self.head_dim, axis_name="kv", param_dtype=param_dtype)
+    self.k_norm = RMSNorm(self.head_dim, axis_name="kv", param_dtype=param_dtype)
+    self.proj = linear(dim, dim, ("heads", "embed"), **kw)
+
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    *lead, n, dim = x.shape
+    # The fused output is laid out [q|k|v][head][head_dim], as in the official checkpoints.
+    qkv = self.qkv(x).reshape(*lead, n, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    q = apply_rope(self.q_norm(q), *rope)
+    k = apply_rope(self.k_norm(k), *rope)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    return self.proj(out.reshape(*lead, n, dim))
+
+
+# ----------------------------------------------------------------------------- embedders
+
+def timestep_sinusoid(t: jax.Array, dim: int = 256, max_period: float = 10.0) -> jax.Array:
+  """[cos(t f), sin(t f)] with f_i = max_period^(-i/(dim/2)); max_period is 10, not 10 000."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nnx.Module):
+  """256-dim sinusoid -> Linear -> SiLU -> Linear; both weights N(0, 0.02) (spec §4.5)."""
+
+  def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype, freq_dim: int = 256):
+    self.freq_dim = freq_dim
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_init=normal(0.02))
+    self.mlp_in = linear(freq_dim, dim, ("freq", "mlp"), **kw)
+    self.mlp_out = linear(dim, dim, ("mlp", "embed"), **kw)
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    return self.mlp_out(nnx.silu(self.mlp_in(timestep_sinusoid(t, self.freq_dim))))
+
+
+class ClassEmbedder(nnx.Module):
+  """Class table with num_classes + 1 rows, N(0, 0.02); index num_classes is the null class."""
+
+  def __init__(self, num_classes: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+    self.embedding = nnx.Embed(
+        num_classes + 1, dim, dtype=dtype, param_dtype=param_dtype,
+        embedding_init=nnx.with_partitioning(normal(0.02), ("classes", "embed")), rngs=rngs)
+
+  def __call__(self, y: jax.Array) -> jax.Array:
+    return self.embedding(y)
+
+
+# ----------------------------------------------------------------------------- stacked blocks
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def stack_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs):
+  """Create `depth` identical blocks whose parameters carry a leading 'layers' axis."""
+
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+  def create(r):
+    return make_block(r)
+
+  return create(rngs)
+
+
+def scan_blocks(blocks: nnx.Module, x: jax.Array, *args, remat_policy: str = "none"):
+  """x -> block_{depth-1}(... block_0(x, *args) ..., *args), one traced body for all blocks.
+
+  `args` are broadcast to every block. With a remat policy, each block's activations are
+  recomputed in the backward pass instead of stored, as the policy allows.
+  """
+
+  def body(h, block, *a):
+    return block(h, *a)
+
+  if remat_policy != "none":
+    body = nnx.remat(body, policy=_REMAT[remat_policy], prevent_cse=False)
+
+  scanned = nnx.scan(body, in_axes=(nnx.Carry, 0) + (None,) * len(args), out_axes=nnx.Carry,
+                     transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+  return scanned(x, blocks, *args)

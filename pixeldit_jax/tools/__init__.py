@@ -1,0 +1,1 @@
+"""One-shot utilities (checkpoint import)."""
