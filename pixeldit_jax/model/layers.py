@@ -39,6 +39,12 @@ def torch_uniform(fan_in: int) -> nnx.Initializer:
 zeros = nnx.initializers.zeros_init()
 
 
+def partitioned(init: nnx.Initializer, axes: Axes) -> nnx.Initializer:
+  """Attach logical axis names to an initialiser. Eager (construction-time) sharding stays off:
+  the trainer places parameters on the mesh by jitting the initialiser with out_shardings."""
+  return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
 def normal(std: float) -> nnx.Initializer:
   return nnx.initializers.normal(stddev=std)
 
@@ -49,8 +55,8 @@ def linear(in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs, u
   """nnx.Linear with logical axis names (in, out) and torch-default init unless overridden."""
   return nnx.Linear(
       in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nnx.with_partitioning(kernel_init or torch_uniform(in_features), tuple(axes)),
-      bias_init=nnx.with_partitioning(bias_init or torch_uniform(in_features), (axes[1],)),
+      kernel_init=partitioned(kernel_init or torch_uniform(in_features), axes),
+      bias_init=partitioned(bias_init or torch_uniform(in_features), (axes[1],)),
       rngs=rngs)
 
 
@@ -61,7 +67,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, *, axis_name: str = "norm", eps: float = 1e-6, param_dtype=jnp.float32):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,), eager_sharding=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -201,7 +207,7 @@ class ClassEmbedder(nnx.Module):
   def __init__(self, num_classes: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
     self.embedding = nnx.Embed(
         num_classes + 1, dim, dtype=dtype, param_dtype=param_dtype,
-        embedding_init=nnx.with_partitioning(normal(0.02), ("classes", "embed")), rngs=rngs)
+        embedding_init=partitioned(normal(0.02), ("classes", "embed")), rngs=rngs)
 
   def __call__(self, y: jax.Array) -> jax.Array:
     return self.embedding(y)

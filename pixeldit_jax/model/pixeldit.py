@@ -27,19 +27,16 @@ class PixelDiT(nnx.Module):
     self.cfg = cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    # Parameters carry logical names only; placement on a mesh happens when the trainer jits
-    # the initialiser with out_shardings, so eager (construction-time) sharding stays off.
-    with nnx.use_eager_sharding(False):
-      self.patch_embed = PatchEmbedder(cfg.in_channels, cfg.patch_size, cfg.hidden_size, **kw)
-      self.t_embedder = layers.TimestepEmbedder(cfg.hidden_size, **kw)
-      self.y_embedder = layers.ClassEmbedder(cfg.num_classes, cfg.hidden_size, **kw)
-      self.patch_blocks = layers.stack_blocks(lambda r: PatchBlock(cfg, rngs=r), cfg.patch_depth, rngs)
-      if cfg.pixel_depth > 0:
-        self.pixel_embed = PixelEmbedder(cfg, rngs=rngs)
-        self.pixel_blocks = layers.stack_blocks(lambda r: PiTBlock(cfg, rngs=r), cfg.pixel_depth, rngs)
-        self.out_head = PixelOutputHead(cfg, rngs=rngs)
-      else:
-        self.out_head = PatchOutputHead(cfg, rngs=rngs)
+    self.patch_embed = PatchEmbedder(cfg.in_channels, cfg.patch_size, cfg.hidden_size, **kw)
+    self.t_embedder = layers.TimestepEmbedder(cfg.hidden_size, **kw)
+    self.y_embedder = layers.ClassEmbedder(cfg.num_classes, cfg.hidden_size, **kw)
+    self.patch_blocks = layers.stack_blocks(lambda r: PatchBlock(cfg, rngs=r), cfg.patch_depth, rngs)
+    if cfg.pixel_depth > 0:
+      self.pixel_embed = PixelEmbedder(cfg, rngs=rngs)
+      self.pixel_blocks = layers.stack_blocks(lambda r: PiTBlock(cfg, rngs=r), cfg.pixel_depth, rngs)
+      self.out_head = PixelOutputHead(cfg, rngs=rngs)
+    else:
+      self.out_head = PatchOutputHead(cfg, rngs=rngs)
 
   def check_input(self, x: jax.Array):
     p, c = self.cfg.patch_size, self.cfg.in_channels
@@ -74,8 +71,13 @@ class PixelDiT(nnx.Module):
 
 
 def build(cfg: PixelDiTConfig, seed: int = 0) -> PixelDiT:
-  """Materialise a model on the default device (tests, demos); training inits sharded instead."""
-  return PixelDiT(cfg, rngs=nnx.Rngs(params=seed))
+  """Materialise a model on the default device (tests, demos); training inits sharded instead.
+
+  Initialisation runs as one compiled program: eagerly it would be hundreds of tiny dispatches.
+  """
+  graphdef, _ = nnx.split(abstract(cfg))
+  state = jax.jit(lambda: nnx.state(PixelDiT(cfg, rngs=nnx.Rngs(params=seed))))()
+  return nnx.merge(graphdef, state)
 
 
 def abstract(cfg: PixelDiTConfig) -> PixelDiT:

@@ -106,18 +106,19 @@ def convert(sd: Mapping[str, np.ndarray], abstract_params: Mapping) -> dict:
   out, bad_shapes = {}, []
   for path, leaf in flat.items():
     stacked = path[0] in STACKED
-    per_layer = leaf.shape[1:] if stacked else leaf.shape
+    per_layer = tuple(leaf.shape[1:] if stacked else leaf.shape)
+    is_kernel = path[-1] == "kernel"  # torch Linear weights are (out, in): transpose
     tensors = []
     for i in (range(leaf.shape[0]) if stacked else [None]):
       name = official_name(path, i)
       t = np.asarray(sd[name], dtype=np.float32)
-      if path[-1] == "kernel":
-        t = t.T  # torch Linear weights are (out, in)
-      if t.shape != tuple(per_layer):
-        bad_shapes.append(f"{name}: checkpoint {tuple(sd[name].shape)}, expected {tuple(per_layer)}"
-                          f"{' (transposed)' if path[-1] == 'kernel' else ''}")
+      t = t.T if is_kernel else t
+      if t.shape != per_layer:
+        want = per_layer[::-1] if is_kernel else per_layer  # in the checkpoint's own layout
+        bad_shapes.append(f"{name}: checkpoint {tuple(sd[name].shape)}, expected {want}")
       tensors.append(t)
-    out[path] = np.stack(tensors) if stacked else tensors[0]
+    if not bad_shapes:
+      out[path] = np.stack(tensors) if stacked else tensors[0]
   if bad_shapes:
     raise CheckpointMismatch("Checkpoint tensor shapes do not match the model:\n  " + "\n  ".join(bad_shapes))
   return traverse_util.unflatten_dict(out)

@@ -1,0 +1,18 @@
+import os
+import sys
+
+# Tests import the package from the checkout, installed or not.
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+# CPU compiles dominate the suite's time; XLA's backend optimisation level 0 halves them and does
+# not change what is computed. Benchmarks and real runs keep the default level.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+
+# The persistent compilation cache makes every program that is
+# compiled twice (the same model built in several tests, a rerun of the suite) compile once.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("PIXELDIT_TEST_JAX_CACHE",
+                                 os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
