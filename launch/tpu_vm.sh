@@ -132,7 +132,7 @@ cd ~/$(q "$REMOTE_DIR")
     # start a second run while one is alive (it would fail to grab the TPU anyway).
     on_workers all "cd ~/$(q "$REMOTE_DIR") || exit 1
 if [ -f ~/pixeldit.pid ] && kill -0 \$(cat ~/pixeldit.pid) 2>/dev/null; then echo \"already running on \$(hostname)\"; exit 1; fi
-setsid nohup env $REMOTE_ENV ~/$(q "$VENV")/bin/python -m $(q "$MODULE")$args > ~/$(q "$LOG_FILE") 2>&1 < /dev/null &
+setsid nohup env PIXELDIT_DISTRIBUTED=1 $REMOTE_ENV ~/$(q "$VENV")/bin/python -m $(q "$MODULE")$args > ~/$(q "$LOG_FILE") 2>&1 < /dev/null &
 echo \$! > ~/pixeldit.pid; echo \"started pid \$! on \$(hostname), log ~/$(q "$LOG_FILE")\""
     ;;
   logs)

@@ -10,11 +10,13 @@ import os
 
 import jax
 
-# Set by launch/gpu_multinode.sh for multi-node GPU runs outside SLURM/GKE/Cloud TPU.
+# Explicit coordinates, set by launch/gpu_multinode.sh, launch/slurm_gpu.sbatch and
+# launch/gke_xpk.sh (GPU): then JAX's own cluster detection is switched off, because under SLURM
+# it would give each of our one-per-node processes a single GPU.
 _COORDINATOR_ENV = ("PIXELDIT_COORDINATOR", "PIXELDIT_NUM_PROCESSES", "PIXELDIT_PROCESS_ID")
-# Environments in which jax.distributed.initialize() finds its peers by itself.
-_AUTO_CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                     "JOBSET_NAME", "OMPI_COMM_WORLD_SIZE")
+# PIXELDIT_DISTRIBUTED=1 asks for a bare jax.distributed.initialize(), which finds its peers on
+# multi-host Cloud TPU VMs (launch/tpu_vm.sh sets it) and under GKE/JobSet by itself.
+_AUTO_ENV = "PIXELDIT_DISTRIBUTED"
 
 
 def maybe_initialize_distributed() -> bool:
@@ -24,10 +26,10 @@ def maybe_initialize_distributed() -> bool:
     if num is None or pid is None:
       raise ValueError("PIXELDIT_COORDINATOR is set: PIXELDIT_NUM_PROCESSES and "
                        "PIXELDIT_PROCESS_ID must be set too")
-    jax.distributed.initialize(coordinator, num_processes=int(num), process_id=int(pid))
+    jax.distributed.initialize(coordinator, num_processes=int(num), process_id=int(pid),
+                               cluster_detection_method="deactivate")
     return True
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or any(
-      k in os.environ for k in _AUTO_CLUSTER_ENV if k != "SLURM_JOB_ID"):
+  if os.environ.get(_AUTO_ENV, "0") not in ("", "0"):
     jax.distributed.initialize()
     return True
   return False

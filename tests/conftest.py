@@ -16,3 +16,6 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("PIXELDIT_TEST_JAX_CACHE",
                                  os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# Config paths in tests are relative to the repository root.
+os.chdir(os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))

@@ -1,0 +1,69 @@
+"""Config files, variants and overrides; the entry point's model check; distributed start-up."""
+
+import json
+import os
+
+import pytest
+
+from pixeldit_jax import config_lib, sharding
+from pixeldit_jax.main import check_model
+
+CONFIGS = ["configs/fashion_mnist.py", "configs/imagenet256_xl.py", "configs/imagenet512_xl.py",
+           "configs/tiny.py", "configs/tiny.py:size=small"]
+
+
+@pytest.mark.parametrize("spec", CONFIGS)
+def test_every_config_builds_a_valid_model_config(spec):
+  config = config_lib.load(spec)
+  cfg = config_lib.model_config(config)
+  h, w = config.image_size
+  assert h % cfg.patch_size == 0 and w % cfg.patch_size == 0
+
+
+def test_variants_and_their_errors():
+  assert config_lib.model_config(config_lib.load("configs/imagenet256_xl.py:size=B")).hidden_size == 768
+  with pytest.raises(ValueError, match="Unknown config variant key 'sise'"):
+    config_lib.load("configs/imagenet256_xl.py:sise=B")
+  with pytest.raises(ValueError, match="Unknown PixelDiT size"):
+    config_lib.load("configs/imagenet256_xl.py:size=XXL")
+  v = config_lib.parse_variant("res=512,lr=1e-4,runlocal,name=abc", res=256, lr=0.0, runlocal=False, name="")
+  assert (v.res, v.lr, v.runlocal, v.name) == (512, 1e-4, True, "abc")
+
+
+def test_optional_model_fields_are_overridable_placeholders():
+  config = config_lib.load("configs/fashion_mnist.py")
+  config.model.pixel_attn_size = 64
+  config.model.attention_impl = "xla"
+  cfg = config_lib.model_config(config)
+  assert cfg.attn_size == 64 and cfg.attention_impl == "xla"
+  config.model.pixel_adaln = "bogus"
+  with pytest.raises(ValueError, match="pixel_adaln"):
+    config_lib.model_config(config)
+
+
+def test_model_check_runs_forward_and_backward_and_writes_a_report(tmp_path):
+  config = config_lib.load("configs/fashion_mnist.py")
+  config.batch_size = 2
+  report = check_model(config, str(tmp_path))
+  assert report["batch"] == 2 and report["image_size"] == [32, 32]
+  assert report["loss"] > 0 and report["grad_norm"] > 0
+  saved = json.loads((tmp_path / "model_check.json").read_text())
+  assert saved["params"] == report["params"] > 1e6
+
+
+def test_distributed_initialisation_from_environment(monkeypatch):
+  calls = []
+  monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  for k in ("PIXELDIT_COORDINATOR", "PIXELDIT_NUM_PROCESSES", "PIXELDIT_PROCESS_ID", "PIXELDIT_DISTRIBUTED"):
+    monkeypatch.delenv(k, raising=False)
+  assert sharding.maybe_initialize_distributed() is False and not calls
+  monkeypatch.setenv("PIXELDIT_DISTRIBUTED", "1")
+  assert sharding.maybe_initialize_distributed() is True and calls[-1] == ((), {})
+  monkeypatch.setenv("PIXELDIT_COORDINATOR", "10.0.0.1:1234")
+  with pytest.raises(ValueError, match="PIXELDIT_NUM_PROCESSES"):
+    sharding.maybe_initialize_distributed()
+  monkeypatch.setenv("PIXELDIT_NUM_PROCESSES", "4")
+  monkeypatch.setenv("PIXELDIT_PROCESS_ID", "2")
+  assert sharding.maybe_initialize_distributed() is True
+  assert calls[-1] == (("10.0.0.1:1234",), dict(num_processes=4, process_id=2,
+                                                  cluster_detection_method="deactivate"))
