@@ -4,26 +4,37 @@ A checkpoint directory is managed by an Orbax ``CheckpointManager``; each step h
 
   ``ema_params``  EMA weights (what the sampler loads), pure dict of the model's nnx.Param state
   ``params``      online weights (training only)
+  ``opt_state``   optimizer state (training only)
+  ``train``       step, RNG, non-finite bookkeeping (training only)
+  ``data``        the Grain iterator position (training only)
   ``meta``        JSON: format tag, the model config (so a checkpoint rebuilds its own model),
-                  where the weights came from
+                  where the weights came from, the experiment config
 
-The official-checkpoint importer writes ``ema_params`` + ``meta``; training adds its own items.
+The official-checkpoint importer writes ``ema_params`` + ``meta``; training writes all items.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any, Mapping, Optional
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_keep
+from orbax.checkpoint.checkpoint_managers import save_decision_policy as ocp_save
 
 from pixeldit_jax.model import PixelDiTConfig, PixelDiT
 from pixeldit_jax.model import pixeldit as pixeldit_lib
 
 FORMAT = "pixeldit-jax/1"
-EMA_PARAMS, PARAMS, META = "ema_params", "params", "meta"
+EMA_PARAMS, PARAMS, OPT_STATE, TRAIN, DATA, META = (
+    "ema_params", "params", "opt_state", "train", "data", "meta")
+_TRAIN_FIELDS = ("step", "rng", "nonfinite_step", "skipped_updates")
 
 
 class CheckpointError(RuntimeError):
@@ -88,3 +99,83 @@ def _as_state(model: nnx.Module, tree: Mapping) -> nnx.State:
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, tree)
   return state
+
+
+def multihost_sync(name: str):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+class TrainCheckpointer:
+  """Saves and restores the whole train state plus the data iterator, for exact resumption.
+
+  Saves are asynchronous; the save-decision policy saves every `every` steps (and, in
+  multi-process runs, at a preemption notice), the preservation policy keeps the latest `keep`.
+  Restoring walks back from the newest step past any checkpoint that fails to load.
+  """
+
+  def __init__(self, directory: str, *, every: int, keep: int):
+    self.directory = os.path.abspath(os.path.expanduser(directory))
+    save_policy = ocp_save.FixedIntervalPolicy(every)
+    if jax.process_count() > 1:
+      save_policy = ocp_save.AnySavePolicy([save_policy, ocp_save.PreemptionCheckpointingPolicy()])
+    self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        save_decision_policy=save_policy, preservation_policy=ocp_keep.LatestN(keep), create=True))
+
+  def save(self, state, data_iter, meta: Mapping[str, Any], force: bool = False) -> bool:
+    """Save `state` (a TrainState) at its step if the policy says so (or `force`)."""
+    step = int(jax.device_get(state.step))
+    if force and step in self.manager.all_steps():
+      return False
+    items = {
+        PARAMS: ocp.args.StandardSave(state.params),
+        EMA_PARAMS: ocp.args.StandardSave(state.ema_params),
+        OPT_STATE: ocp.args.StandardSave(state.opt_state),
+        TRAIN: ocp.args.StandardSave({k: getattr(state, k) for k in _TRAIN_FIELDS}),
+        DATA: grain.checkpoint.CheckpointSave(data_iter),
+        META: ocp.args.JsonSave({"format": FORMAT, **meta}),
+    }
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore_latest(self, abstract_state, data_iter):
+    """The newest readable checkpoint restored onto `abstract_state`'s shardings, or None.
+
+    `data_iter` is moved to the saved position in place.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self._restore(step, abstract_state, data_iter)
+      except Exception as e:  # noqa: BLE001 - any failure to read a step means: try an older one
+        logging.error("Checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one.",
+                      step, self.directory, type(e).__name__, str(e)[:500])
+        self._set_aside(step)
+    return None
+
+  def _set_aside(self, step: int):
+    """Rename an unreadable step so it is kept for inspection but never restored or overwritten."""
+    path = os.path.join(self.directory, str(step))
+    if jax.process_index() == 0 and os.path.isdir(path):
+      os.rename(path, f"{path}.unreadable-{int(time.time())}")
+    multihost_sync(f"set_aside_{step}")
+    self.manager.reload()
+
+  def _restore(self, step, abstract_state, data_iter):
+    items = {
+        PARAMS: ocp.args.StandardRestore(abstract_state.params),
+        EMA_PARAMS: ocp.args.StandardRestore(abstract_state.ema_params),
+        OPT_STATE: ocp.args.StandardRestore(abstract_state.opt_state),
+        TRAIN: ocp.args.StandardRestore({k: getattr(abstract_state, k) for k in _TRAIN_FIELDS}),
+        DATA: grain.checkpoint.CheckpointRestore(data_iter),
+    }
+    r = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return abstract_state.replace(params=r[PARAMS], ema_params=r[EMA_PARAMS],
+                                  opt_state=r[OPT_STATE], **r[TRAIN])
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

@@ -54,14 +54,64 @@ def model_config(config: ml_collections.ConfigDict) -> PixelDiTConfig:
   return PixelDiTConfig.from_dict(config.model.to_dict())
 
 
+def train_defaults() -> ml_collections.ConfigDict:
+  """The released ImageNet recipe (spec §4); experiment configs override what differs."""
+  return ml_collections.ConfigDict(dict(
+      num_steps=1_600_000,
+      optimizer="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0,
+      grad_clip=1.0,
+      # The paper steps LR 1e-4 -> 1e-5 and the clip 1.0 -> 0.5 after 160 epochs.
+      step_down_step=config_dict.placeholder(int), lr_after_step_down=1e-5,
+      grad_clip_after_step_down=0.5,
+      ema_decay=0.9999, ema_warmup=False,
+      time_shift=1.0, label_dropout=0.1,
+      nonfinite_policy="stop",  # or "skip": drop the update and go on
+      log_every=50, checkpoint_every=10_000, keep_checkpoints=3,
+      sample_every=10_000, sample_steps=50, sample_cfg_scale=3.0, sample_cfg_interval=(0.1, 1.0),
+      sample_rows=10, sample_per_row=10, sample_seed=0,
+      peak_tflops=config_dict.placeholder(float),  # per device, for MFU; None: look up the device
+  ))
+
+
+def sharding_defaults() -> ml_collections.ConfigDict:
+  from pixeldit_jax import sharding  # noqa: PLC0415 - keeps config files light to import
+  return ml_collections.ConfigDict(dict(
+      mesh_shape=(1, -1, 1),  # (data, fsdp, tensor); -1 takes the remaining devices: FSDP
+      rules=sharding.DEFAULT_RULES))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Fields every experiment has; config files fill them in."""
+  from pixeldit_jax import data  # noqa: PLC0415
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.image_size = (256, 256)  # (H, W); both divisible by the patch size
   c.model = model_dict(PixelDiTConfig())
   c.batch_size = 256  # global batch
+  c.train = train_defaults()
+  c.sharding = sharding_defaults()
+  c.data = data.default_data_config()
   return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Clear errors for a bad experiment config, before anything is built."""
+  cfg = model_config(config)
+  errors = []
+  h, w = config.image_size
+  if h % cfg.patch_size or w % cfg.patch_size:
+    errors.append(f"image_size {tuple(config.image_size)} is not divisible by patch_size {cfg.patch_size}")
+  t = config.train
+  if t.nonfinite_policy not in ("stop", "skip"):
+    errors.append(f"train.nonfinite_policy must be 'stop' or 'skip', got {t.nonfinite_policy!r}")
+  for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "batch_size"):
+    value = config.batch_size if key == "batch_size" else t[key]
+    if value <= 0:
+      errors.append(f"{key} must be positive, got {value}")
+  if not 0.0 <= t.ema_decay < 1.0:
+    errors.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+  if errors:
+    raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

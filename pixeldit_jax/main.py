@@ -1,7 +1,7 @@
 """Training entry point: python -m pixeldit_jax.main --config=configs/<name>.py --workdir=DIR.
 
-In this version the job builds the configured model and runs one jitted forward + backward pass
-on random data (a full model check); the training loop is not implemented yet.
+The run resumes from the newest checkpoint in DIR. Config overrides: --config.train.lr=3e-4.
+--check_model builds the model and runs one jitted forward + backward pass instead of training.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Where the run writes its outputs.")
+_CHECK = flags.DEFINE_bool("check_model", False, "Only check the model (forward + backward), no training.")
 
 
 def check_model(config, workdir: str) -> dict:
@@ -66,17 +67,26 @@ def check_model(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  from pixeldit_jax import sharding
+  from pixeldit_jax import config_lib, sharding
   sharding.maybe_initialize_distributed()
   config = _CONFIG.value
-  report = check_model(config, _WORKDIR.value)
-  logging.info("model check: %s", report)
-  print(f"PixelDiT: {report['params'] / 1e6:.2f} M parameters, {report['gflops_per_image']:.3f} "
-        f"GFLOPs per {report['image_size'][0]}x{report['image_size'][1]} image; forward+backward on "
-        f"a batch of {report['batch']}: loss {report['loss']:.4f}, grad norm {report['grad_norm']:.4f}, "
-        f"{report['step_s'] * 1000:.1f} ms (first call with compile {report['first_call_s']:.1f} s).")
-  print("Training is not implemented in this version yet: this run checked the model end to end "
-        f"and wrote {os.path.join(_WORKDIR.value, 'model_check.json')}.")
+  config_lib.validate(config)
+  if _CHECK.value:
+    report = check_model(config, _WORKDIR.value)
+    logging.info("model check: %s", report)
+    print(f"PixelDiT: {report['params'] / 1e6:.2f} M parameters, {report['gflops_per_image']:.3f} "
+          f"GFLOPs per {report['image_size'][0]}x{report['image_size'][1]} image; forward+backward on "
+          f"a batch of {report['batch']}: loss {report['loss']:.4f}, grad norm {report['grad_norm']:.4f}, "
+          f"{report['step_s'] * 1000:.1f} ms (first call with compile {report['first_call_s']:.1f} s).")
+    return
+  from pixeldit_jax.train import trainer
+  start = time.perf_counter()
+  summary = trainer.train(config, _WORKDIR.value)
+  losses = summary["losses"]
+  last = losses[max(losses)] if losses else float("nan")
+  print(f"Trained steps {summary['start_step']} -> {summary['step']} in {time.perf_counter() - start:.0f} s; "
+        f"last loss {last:.4f}. Workdir: {summary['workdir']}"
+        + (f"; samples: {summary['last_sample']}" if summary["last_sample"] else ""))
 
 
 if __name__ == "__main__":

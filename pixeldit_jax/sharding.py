@@ -1,14 +1,117 @@
-"""Device meshes and multi-process start-up.
+"""Device meshes, logical-axis rules and multi-process start-up.
 
 Parameters carry logical axis names (see pixeldit_jax.model.layers); this module is the only one
-that maps them onto mesh axes. Multi-process runs are initialised here before any JAX call.
+that maps them onto mesh axes. The mesh has the axes (data, fsdp, tensor); the rules table lives
+in the config (``config.sharding.rules``), e.g. ``("embed", "fsdp")`` shards every dimension
+named "embed" over the fsdp axis. The default is FSDP: parameters are split over ``fsdp`` and
+the batch over ``(data, fsdp)``. A dimension that the mesh axes do not divide is replicated.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
+import numpy as np
+from flax import nnx, traverse_util
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = "batch"  # logical name of the batch dimension of activations and inputs
+
+# FSDP over 'fsdp', tensor parallelism over 'tensor' for the wide dimensions; everything small
+# (norms, biases of narrow layers, the pixel width 16, stacked-layer axis) is replicated.
+DEFAULT_RULES = (
+    (BATCH, ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("cond", "tensor"),
+    ("pixel_cond", "tensor"),
+    ("pixel_patch", "tensor"),
+    ("patch_out", "tensor"),
+    ("layers", None), ("kv", None), ("norm", None), ("classes", None), ("freq", None),
+    ("patch_in", None), ("channels", None), ("pixel", None), ("pixel_mlp", None),
+)
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Optional[Sequence] = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types; one size may be -1 (all the rest)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape needs {len(MESH_AXES)} sizes for {MESH_AXES}, got {shape}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"at most one mesh size may be -1, got {shape}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot fill mesh {shape}")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                     f"{len(devices)} are available")
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def spec_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+             rules: Sequence[tuple[str, Any]]) -> P:
+  """PartitionSpec of an array whose dimensions have the given logical names."""
+  table = dict(rules)
+  used: set = set()
+  out = []
+  for name, size in zip(names, shape):
+    if name is not None and name not in table:
+      raise KeyError(f"No sharding rule for logical axis {name!r}; add it to config.sharding.rules")
+    axes = table.get(name) if name is not None else None
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      out.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      out.append(None)
+  return P(*out)
+
+
+def logical_names(model: nnx.Module) -> dict:
+  """{param path tuple: logical axis names} of a model (or of its abstract version)."""
+  return {tuple(path): var.get_metadata()["out_sharding"]
+          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def param_specs(model: nnx.Module, mesh: Mesh, rules) -> dict:
+  """Nested dict (the params' pure-dict layout) of PartitionSpecs."""
+  names = logical_names(model)
+  shapes = {tuple(p): v.shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return traverse_util.unflatten_dict({p: spec_for(n, shapes[p], mesh, rules) for p, n in names.items()})
+
+
+def named(mesh: Mesh, specs):
+  """PartitionSpec tree -> NamedSharding tree."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+  """Inputs are split over the batch axes of the rules along their first dimension."""
+  axes = dict(rules).get(BATCH)
+  axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape[a] > 1)
+  lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
+  return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict:
+  """This process's slice of the batch -> global jax.Arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+          for k, v in local.items()}
+
 
 # Explicit coordinates, set by launch/gpu_multinode.sh, launch/slurm_gpu.sbatch and
 # launch/gke_xpk.sh (GPU): then JAX's own cluster detection is switched off, because under SLURM

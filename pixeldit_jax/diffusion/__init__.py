@@ -1,0 +1,1 @@
+"""Diffusion: time conventions, training objective and samplers (pure functions of a model apply)."""

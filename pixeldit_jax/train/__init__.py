@@ -1,0 +1,1 @@
+"""Training: optimizer, train state, the jitted step, metrics and the loop."""

@@ -1,0 +1,198 @@
+"""The training loop: mesh, sharded state, data, one jitted step, metrics, samples, checkpoints.
+
+    train(config, workdir) -> summary dict
+
+The run resumes from the newest readable checkpoint in ``<workdir>/checkpoints``. SIGTERM (or a
+preemption notice in multi-process runs) makes it save and stop cleanly at the next step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from pixeldit_jax import checkpoint as ckpt_lib
+from pixeldit_jax import config_lib, data, images, sharding
+from pixeldit_jax.model import abstract as abstract_model
+from pixeldit_jax.model.cost import forward_flops
+from pixeldit_jax.train import metrics as metrics_lib
+from pixeldit_jax.train import optimizer as optimizer_lib
+from pixeldit_jax.train import state as state_lib
+from pixeldit_jax.train import step as step_lib
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+class _StopFlag:
+  """Set by SIGTERM; the loop checks it once per step."""
+
+  def __init__(self):
+    self.stop = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no signal handling
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+    self.stop = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _sample_grid(sample_fn, params, config, mesh, rules, step: int, workdir: str, writer):
+  """Class-conditional samples with the EMA weights: one row per class, written as PNG."""
+  tcfg, model_cfg = config.train, config_lib.model_config(config)
+  rows = min(model_cfg.num_classes, tcfg.sample_rows)
+  per_row = tcfg.sample_per_row
+  h, w = config.image_size
+  n = rows * per_row
+  batch_devices = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+  padded = -(-n // batch_devices) * batch_devices
+  labels = np.repeat(np.arange(rows), per_row).astype(np.int32)
+  labels = np.concatenate([labels, np.zeros(padded - n, np.int32)])
+  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(tcfg.sample_seed), (padded, h, w, model_cfg.in_channels)))
+  put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, rules, a.ndim))
+  out = sample_fn(params, put(noise), put(labels))
+  out = np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
+  grid = images.grid(out, rows)
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images.save_png(grid, path, scale=max(1, 256 // max(h, w)))
+    writer.write_image(step, "samples/ema", grid if grid.shape[-1] == 3 else np.repeat(grid, 3, -1))
+    return path
+  return None
+
+
+def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
+  """Train (or resume) the configured model in `workdir`. `max_steps` stops early (tests)."""
+  workdir = os.path.abspath(workdir)
+  tcfg = config.train
+  model_cfg = config_lib.model_config(config)
+  is_main = jax.process_index() == 0
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
+
+  mesh = sharding.make_mesh(config.sharding.mesh_shape)
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % batch_devices:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the {batch_devices} "
+                     "devices of the mesh's data and fsdp axes")
+  model = abstract_model(model_cfg)
+  graphdef = nnx.graphdef(model)
+  tx = optimizer_lib.make(tcfg)
+  state_shardings = state_lib.shardings(model, tx, mesh, rules)
+  null_class = model_cfg.num_classes
+
+  pipeline = data.build(config)
+  data_iter = iter(pipeline)
+  checkpointer = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                                            every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints)
+  meta = {"model": model_cfg.to_dict(), "config": json.loads(config.to_json_best_effort())}
+
+  with jax.set_mesh(mesh):
+    target = state_lib.abstract_state(model_cfg, tx, config.seed, state_shardings)
+    state = checkpointer.restore_latest(target, data_iter)
+    if state is None:
+      state = jax.jit(lambda: state_lib.init(model_cfg, tx, config.seed), out_shardings=state_shardings)()
+      logging.info("Starting from scratch in %s", workdir)
+    else:
+      logging.info("Resumed from step %d in %s", int(state.step), workdir)
+
+    batch_shardings = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in
+                       (("image", 4), ("label", 1), ("skipped", 1), ("converted", 1))}
+    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, tcfg, null_class),
+                         in_shardings=(state_shardings, batch_shardings),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)),
+                         donate_argnums=(0,))
+    sample_fn = jax.jit(step_lib.make_sample_fn(
+        graphdef, null_class, num_steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg_scale,
+        interval=tuple(tcfg.sample_cfg_interval), shift=tcfg.time_shift),
+        in_shardings=(state_shardings.ema_params, None, None))
+
+    h, w = config.image_size
+    step_flops = 3 * config.batch_size * forward_flops(model_cfg, h, w)["total"]
+    peak = metrics_lib.device_peak_tflops(tcfg.peak_tflops)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    start_step = int(jax.device_get(state.step))
+    end_step = tcfg.num_steps if max_steps is None else min(tcfg.num_steps, start_step + max_steps)
+    losses, pending, last_sample = {}, [], None
+    bar = tqdm(total=tcfg.num_steps, initial=start_step, disable=not is_main, desc="train",
+               dynamic_ncols=True, smoothing=0.1)
+    t_log, steps_since_log = time.perf_counter(), 0
+    stopped_by = None
+    with _StopFlag() as flag:
+      for step in range(start_step, end_step):
+        local = next(data_iter)
+        batch = sharding.global_batch({k: np.asarray(local[k]) for k in batch_shardings}, mesh, rules)
+        state, m = train_step(state, batch)
+        pending.append((step, m))
+        steps_since_log += 1
+        done = step + 1
+        bar.update(1)
+        if done % tcfg.log_every == 0 or done == end_step:
+          fetched = jax.device_get([(s, mm) for s, mm in pending])
+          pending = []
+          elapsed = time.perf_counter() - t_log
+          for s, mm in fetched:
+            losses[s] = float(mm["loss"])
+          last = fetched[-1][1]
+          nonfinite_step = int(jax.device_get(state.nonfinite_step))
+          scalars = {k: float(np.mean([mm[k] for _, mm in fetched])) for k in
+                     ("loss", "grad_norm", "param_norm", "learning_rate")}
+          scalars.update(
+              data_skipped=float(sum(mm["data_skipped"] for _, mm in fetched)),
+              data_converted=float(sum(mm["data_converted"] for _, mm in fetched)),
+              skipped_updates=float(jax.device_get(state.skipped_updates)),
+              steps_per_s=steps_since_log / elapsed,
+              images_per_s=steps_since_log * config.batch_size / elapsed,
+              tflops_per_device=steps_since_log * step_flops / elapsed / 1e12 / jax.device_count())
+          if peak:
+            scalars["mfu"] = scalars["tflops_per_device"] / peak
+          writer.write_scalars(done, scalars)
+          bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
+          t_log, steps_since_log = time.perf_counter(), 0
+          if nonfinite_step >= 0 and tcfg.nonfinite_policy == "stop":
+            checkpointer.wait()
+            raise NonFiniteError(
+                f"Non-finite loss or gradient at step {nonfinite_step} (loss {last['loss']}, grad "
+                f"norm {last['grad_norm']}); the update was not applied and the run stopped. Set "
+                "config.train.nonfinite_policy='skip' to skip such updates and continue.")
+        if tcfg.sample_every and (done % tcfg.sample_every == 0 or done == tcfg.num_steps):
+          last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, done, workdir, writer)
+        checkpointer.save(state, data_iter, {**meta, "step": done}, force=done == tcfg.num_steps)
+        if flag.stop or checkpointer.reached_preemption(done):
+          stopped_by = "SIGTERM" if flag.stop else "preemption"
+          checkpointer.save(state, data_iter, {**meta, "step": done}, force=True)
+          break
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  final_step = int(jax.device_get(state.step))
+  if stopped_by:
+    logging.warning("Stopped by %s at step %d; the checkpoint is saved, rerun to resume.", stopped_by, final_step)
+  return dict(start_step=start_step, step=final_step, losses=losses, stopped_by=stopped_by,
+              last_sample=last_sample, workdir=workdir)

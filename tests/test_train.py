@@ -1,0 +1,197 @@
+"""Training: flow-matching objective, resume equality, mesh equivalence, preemption, bad checkpoints."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import TINY
+from pixeldit_jax import config_lib
+from pixeldit_jax.diffusion import flow
+from pixeldit_jax.train import optimizer, trainer
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def small_config(**train):
+  c = config_lib.base_config()
+  c.image_size = (8, 8)
+  c.model = config_lib.model_dict(config_lib.PixelDiTConfig(**TINY))
+  c.batch_size = 8
+  c.data.source = "fake"
+  c.data.num_workers = 0
+  c.train.update(dict(num_steps=6, log_every=1, checkpoint_every=3, keep_checkpoints=5, sample_every=0,
+                      lr=1e-3, ema_decay=0.9, sample_steps=4, sample_rows=2, sample_per_row=4))
+  c.train.update(train)
+  return c
+
+
+# ----------------------------------------------------------------------------- objective
+
+def test_flow_matching_convention():
+  x = jnp.full((2, 4, 4, 3), 0.5)
+  eps = jnp.full((2, 4, 4, 3), -1.0)
+  t = jnp.array([0.0, 1.0])
+  xt = flow.interpolate(x, eps, t)
+  np.testing.assert_allclose(xt[0], eps[0])  # t = 0 is noise
+  np.testing.assert_allclose(xt[1], x[1])  # t = 1 is data
+  np.testing.assert_allclose(flow.velocity_target(x, eps), 1.5)
+  assert float(flow.time_shift(jnp.array(0.5), 3.0)) == pytest.approx(0.25)  # toward noise
+
+
+def test_time_sampling_is_logit_normal_then_shifted():
+  t = np.asarray(flow.sample_time(jax.random.PRNGKey(0), 200_000, shift=1.0))
+  logit = np.log(t / (1 - t))
+  assert abs(logit.mean()) < 0.01 and abs(logit.std() - 1) < 0.01
+  shifted = np.asarray(flow.sample_time(jax.random.PRNGKey(0), 200_000, shift=3.0))
+  np.testing.assert_allclose(shifted, t / (t + (1 - t) * 3.0), rtol=1e-5)
+
+
+def test_label_dropout_rate_and_loss_is_mse_of_velocity():
+  labels = jnp.zeros((100_000,), jnp.int32)
+  dropped = flow.drop_labels(jax.random.PRNGKey(1), labels, null_class=10, prob=0.1)
+  assert abs(float(jnp.mean(dropped == 10)) - 0.1) < 0.005
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, 4, 4, 3))
+  # A model that returns the exact velocity has zero loss; a zero model has loss E|x - eps|^2.
+  key = jax.random.PRNGKey(3)
+  k_t, k_noise, _ = jax.random.split(key, 3)
+  eps = jax.random.normal(k_noise, x.shape)
+  oracle = lambda xt, t, y: x - eps
+  assert float(flow.loss(oracle, x, jnp.zeros(4, jnp.int32), key, null_class=10)) == pytest.approx(0, abs=1e-6)
+  zero = lambda xt, t, y: jnp.zeros_like(xt)
+  assert float(flow.loss(zero, x, jnp.zeros(4, jnp.int32), key, null_class=10)) == pytest.approx(
+      float(jnp.mean((x - eps) ** 2)), rel=1e-6)
+
+
+def test_lr_and_clip_step_down_and_warmup():
+  t = config_lib.train_defaults()
+  t.update(dict(warmup_steps=10, step_down_step=100))
+  lr, clip = optimizer.learning_rate(t), optimizer.clip_norm(t)
+  assert float(lr(0)) == pytest.approx(1e-5) and float(lr(9)) == pytest.approx(1e-4)
+  assert float(lr(99)) == pytest.approx(1e-4) and float(lr(100)) == pytest.approx(1e-5)
+  assert float(clip(99)) == 1.0 and float(clip(100)) == 0.5
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def test_resume_continues_the_same_loss_trajectory(tmp_path):
+  config = small_config()
+  straight = trainer.train(config, str(tmp_path / "a"))
+  first = trainer.train(config, str(tmp_path / "b"), max_steps=3)
+  assert first["step"] == 3
+  second = trainer.train(config, str(tmp_path / "b"))
+  assert second["start_step"] == 3 and second["step"] == 6
+  for s in range(3, 6):
+    assert second["losses"][s] == pytest.approx(straight["losses"][s], abs=1e-6)
+  assert straight["losses"][5] != straight["losses"][3]  # the losses do move
+  lines = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+  assert {"loss", "grad_norm", "param_norm", "learning_rate", "images_per_s",
+          "tflops_per_device", "data_skipped"} <= set(lines[-1])
+  assert os.listdir(tmp_path / "a" / "tensorboard")
+
+
+def test_sample_grid_png_is_written(tmp_path):
+  from PIL import Image
+  config = small_config(num_steps=2, sample_every=2)
+  summary = trainer.train(config, str(tmp_path))
+  img = Image.open(summary["last_sample"])
+  assert img.size[0] > 0 and os.path.basename(summary["last_sample"]) == "step_00000002.png"
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+  config = small_config()
+  trainer.train(config, str(tmp_path))  # checkpoints at 3 and 6
+  ckpt_dir = tmp_path / "checkpoints"
+  assert sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit()) == [3, 6]
+  shutil.rmtree(ckpt_dir / "6" / "params")  # damage the newest one
+  config.train.num_steps = 7
+  with caplog.at_level("ERROR"):
+    summary = trainer.train(config, str(tmp_path))
+  assert summary["start_step"] == 3 and summary["step"] == 7
+  assert "Checkpoint step 6" in caplog.text and "cannot be restored" in caplog.text
+  assert any(p.startswith("6.unreadable") for p in os.listdir(ckpt_dir))
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_updates_stop_or_are_skipped(tmp_path, policy):
+  # LR 1e30: the first update is finite but blows the weights up, so from step 1 on the loss is
+  # non-finite. "stop" names that step; "skip" drops every such update and runs to the end.
+  config = small_config(lr=1e30, nonfinite_policy=policy, num_steps=4, checkpoint_every=100)
+  if policy == "stop":
+    with pytest.raises(trainer.NonFiniteError, match=r"Non-finite loss or gradient at step 1 "):
+      trainer.train(config, str(tmp_path))
+  else:
+    summary = trainer.train(config, str(tmp_path))
+    assert summary["step"] == 4
+    last = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]
+    assert last["skipped_updates"] == 3
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "run"
+  args = [sys.executable, "-m", "pixeldit_jax.main", "--config=configs/tiny.py:size=tiny",
+          f"--workdir={workdir}", "--config.image_size=(16,16)", "--config.batch_size=2",
+          "--config.data.source=fake", "--config.data.num_workers=0", "--config.train.num_steps=100000",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
+          "--config.train.sample_every=0"]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out[-3000:]
+  assert "Stopped by SIGTERM" in out
+  steps = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
+  assert len(steps) == 1 and 2 <= steps[0] < 100000
+
+
+def test_meshes_give_the_same_loss_and_restore_onto_another_mesh(tmp_path):
+  code = f"""
+import json, sys
+sys.path.insert(0, "tests")
+import jax, numpy as np
+from test_train import small_config
+from pixeldit_jax.train import trainer
+out = {{}}
+for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 4, 2)]:
+  c = small_config(num_steps=2, checkpoint_every=100)
+  c.sharding.mesh_shape = shape
+  if shape == (1, 1, 1):
+    import pixeldit_jax.sharding as sh
+    orig = sh.make_mesh
+    sh.make_mesh = lambda s, devices=None: orig(s, devices=jax.devices()[:1])
+  out[str(shape)] = trainer.train(c, "{tmp_path}/m" + "".join(map(str, shape)))["losses"]
+  if shape == (1, 1, 1):
+    sh.make_mesh = orig
+# Save on an FSDP mesh, resume on a (2, 2, 2) mesh, against an uninterrupted FSDP run.
+c = small_config(num_steps=4, checkpoint_every=2)
+c.sharding.mesh_shape = (1, 8, 1)
+straight = trainer.train(c, "{tmp_path}/straight")["losses"]
+trainer.train(c, "{tmp_path}/moved", max_steps=2)
+c.sharding.mesh_shape = (2, 2, 2)
+moved = trainer.train(c, "{tmp_path}/moved")
+print(json.dumps({{"losses": out, "straight": straight, "moved": moved["losses"], "start": moved["start_step"]}}))
+"""
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-4000:]
+  got = json.loads(res.stdout.strip().splitlines()[-1])
+  one = got["losses"]["(1, 1, 1)"]
+  for shape, losses in got["losses"].items():
+    for s in ("0", "1"):
+      assert losses[s] == pytest.approx(one[s], abs=1e-5), shape
+  assert got["start"] == 2
+  for s in ("2", "3"):
+    assert got["moved"][s] == pytest.approx(got["straight"][s], abs=1e-5)
