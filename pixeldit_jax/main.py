@@ -83,9 +83,9 @@ def main(argv):
   start = time.perf_counter()
   summary = trainer.train(config, _WORKDIR.value)
   losses = summary["losses"]
-  last = losses[max(losses)] if losses else float("nan")
-  print(f"Trained steps {summary['start_step']} -> {summary['step']} in {time.perf_counter() - start:.0f} s; "
-        f"last loss {last:.4f}. Workdir: {summary['workdir']}"
+  last = f"; last loss {losses[max(losses)]:.4f}" if losses else ""
+  print(f"Trained steps {summary['start_step']} -> {summary['step']} in {time.perf_counter() - start:.0f} s"
+        f"{last}. Workdir: {summary['workdir']}"
         + (f"; samples: {summary['last_sample']}" if summary["last_sample"] else ""))
 
 

@@ -44,8 +44,8 @@ def test_optional_model_fields_are_overridable_placeholders():
 def test_model_check_runs_forward_and_backward_and_writes_a_report(tmp_path):
   config = config_lib.load("configs/fashion_mnist.py")
   config.batch_size = 2
-  report = check_model(config, str(tmp_path))
-  assert report["batch"] == 2 and report["image_size"] == [32, 32]
+  report = check_model(config, str(tmp_path))  # the --check_model path of main
+  assert report["batch"] == 2 and report["image_size"] == [28, 28]
   assert report["loss"] > 0 and report["grad_norm"] > 0
   saved = json.loads((tmp_path / "model_check.json").read_text())
   assert saved["params"] == report["params"] > 1e6
@@ -67,3 +67,24 @@ def test_distributed_initialisation_from_environment(monkeypatch):
   assert sharding.maybe_initialize_distributed() is True
   assert calls[-1] == (("10.0.0.1:1234",), dict(num_processes=4, process_id=2,
                                                   cluster_detection_method="deactivate"))
+
+
+def test_experiment_config_validation():
+  config = config_lib.load("configs/fashion_mnist.py")
+  config_lib.validate(config)
+  config.image_size = (30, 28)
+  config.train.nonfinite_policy = "ignore"
+  config.train.ema_decay = 1.0
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(config)
+  for text in ("not divisible by patch_size 4", "nonfinite_policy", "ema_decay"):
+    assert text in str(e.value)
+
+
+def test_imagenet_recipes():
+  c256 = config_lib.load("configs/imagenet256_xl.py")
+  assert (c256.batch_size, c256.train.lr, c256.train.grad_clip, c256.train.ema_decay) == (256, 1e-4, 1.0, 0.9999)
+  assert c256.train.num_steps == 2 * c256.train.step_down_step  # step-down after 160 of 320 epochs
+  assert c256.model.dtype == "bfloat16" and c256.data.source == "imagenet"
+  c512 = config_lib.load("configs/imagenet512_xl.py")
+  assert (c512.train.time_shift, c512.train.grad_clip) == (3.0, 0.5)

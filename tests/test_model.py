@@ -262,3 +262,9 @@ def test_config_validation_messages():
     PixelDiTConfig.from_dict({"hidden": 3})
   with pytest.raises(ValueError, match="head_dim % 4"):
     PixelDiTConfig(hidden_size=36, num_heads=6)
+
+
+def test_unrolled_blocks_equal_scanned_blocks():
+  scanned, unrolled = perturb(build(tiny())), perturb(build(tiny(scan_layers=False)))
+  args = inputs(tiny())
+  np.testing.assert_allclose(forward(scanned, *args), forward(unrolled, *args), rtol=1e-5, atol=1e-6)

@@ -42,6 +42,9 @@ class PixelDiTConfig:
   dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision); params stay param_dtype
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  # True: one traced block body run by a loop (compile time independent of depth). False unrolls
+  # the loop at compile time: same parameters, ~30% faster steps on CPU for small models.
+  scan_layers: bool = True
   attention_impl: Optional[str] = None  # None (let JAX choose), "xla" or "cudnn"
 
   def __post_init__(self):

@@ -233,10 +233,11 @@ def stack_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs:
   return create(rngs)
 
 
-def scan_blocks(blocks: nnx.Module, x: jax.Array, *args, remat_policy: str = "none"):
+def scan_blocks(blocks: nnx.Module, x: jax.Array, *args, remat_policy: str = "none",
+                unroll: bool = False):
   """x -> block_{depth-1}(... block_0(x, *args) ..., *args), one traced body for all blocks.
 
-  `args` are broadcast to every block. With a remat policy, each block's activations are
+  `args` are broadcast to every block; `unroll` unrolls the loop at compile time. With a remat policy, each block's activations are
   recomputed in the backward pass instead of stored, as the policy allows.
   """
 
@@ -247,5 +248,5 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, *args, remat_policy: str = "no
     body = nnx.remat(body, policy=_REMAT[remat_policy], prevent_cse=False)
 
   scanned = nnx.scan(body, in_axes=(nnx.Carry, 0) + (None,) * len(args), out_axes=nnx.Carry,
-                     transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+                     unroll=unroll, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
   return scanned(x, blocks, *args)

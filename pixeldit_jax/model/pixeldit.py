@@ -56,7 +56,7 @@ class PixelDiT(nnx.Module):
     rope = tuple(jnp.asarray(a) for a in layers.rope_2d_table(
         cfg.head_dim, h // p, w // p, theta=cfg.rope_theta, scale=cfg.rope_scale))
     s = layers.scan_blocks(self.patch_blocks, self.patch_embed(x), cond, rope,
-                           remat_policy=cfg.remat_policy)
+                           remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers)
 
     if cfg.pixel_depth == 0:
       out = self.out_head(s, cond)
@@ -65,7 +65,7 @@ class PixelDiT(nnx.Module):
       s_cond = nnx.silu(s + t_emb)
       pit_rope = tuple(jnp.asarray(a) for a in PiTBlock.rope_tables(cfg, h, w))
       pixels = layers.scan_blocks(self.pixel_blocks, self.pixel_embed(x), s_cond, pit_rope,
-                                  remat_policy=cfg.remat_policy)
+                                  remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers)
       out = self.out_head(pixels)
     return ungroup_pixels(out, h, w).astype(jnp.float32)
 

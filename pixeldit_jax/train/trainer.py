@@ -60,6 +60,10 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _grid_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "samples", f"step_{step:08d}.png")
+
+
 def _sample_grid(sample_fn, params, config, mesh, rules, step: int, workdir: str, writer):
   """Class-conditional samples with the EMA weights: one row per class, written as PNG."""
   tcfg, model_cfg = config.train, config_lib.model_config(config)
@@ -77,7 +81,7 @@ def _sample_grid(sample_fn, params, config, mesh, rules, step: int, workdir: str
   out = np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
   grid = images.grid(out, rows)
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+    path = _grid_path(workdir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     images.save_png(grid, path, scale=max(1, 256 // max(h, w)))
     writer.write_image(step, "samples/ema", grid if grid.shape[-1] == 3 else np.repeat(grid, 3, -1))
@@ -180,7 +184,7 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
                 f"Non-finite loss or gradient at step {nonfinite_step} (loss {last['loss']}, grad "
                 f"norm {last['grad_norm']}); the update was not applied and the run stopped. Set "
                 "config.train.nonfinite_policy='skip' to skip such updates and continue.")
-        if tcfg.sample_every and (done % tcfg.sample_every == 0 or done == tcfg.num_steps):
+        if tcfg.sample_every and done % tcfg.sample_every == 0 and done != tcfg.num_steps:
           last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, done, workdir, writer)
         checkpointer.save(state, data_iter, {**meta, "step": done}, force=done == tcfg.num_steps)
         if flag.stop or checkpointer.reached_preemption(done):
@@ -188,10 +192,13 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
           checkpointer.save(state, data_iter, {**meta, "step": done}, force=True)
           break
     bar.close()
+    final_step = int(jax.device_get(state.step))
+    # A finished run always ends with a grid (also when rerun and the grid is missing).
+    if final_step == tcfg.num_steps and tcfg.sample_rows and not os.path.exists(_grid_path(workdir, final_step)):
+      last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, final_step, workdir, writer)
     checkpointer.wait()
     checkpointer.close()
     writer.close()
-  final_step = int(jax.device_get(state.step))
   if stopped_by:
     logging.warning("Stopped by %s at step %d; the checkpoint is saved, rerun to resume.", stopped_by, final_step)
   return dict(start_step=start_step, step=final_step, losses=losses, stopped_by=stopped_by,

@@ -1,0 +1,46 @@
+"""The ``config.data`` section: defaults, and reading it from an experiment config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+SOURCES = ("fashion_mnist", "mnist_subset", "imagenet", "folder", "fake")
+
+
+def default_data_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """The data section with its defaults; `overrides` must name existing fields."""
+  c = ml_collections.ConfigDict()
+  c.source = "fashion_mnist"  # one of SOURCES
+  c.path = config_dict.placeholder(str)  # data dir / folder / tfds data_dir; None = the default
+  c.split = "train"
+  c.num_workers = 0  # Grain worker processes; 0 = read in-process. Fixed: the iterator state depends on it
+  c.read_threads = 4  # reader threads per process (or per worker)
+  c.shuffle = True
+  c.drop_remainder = True  # must stay True: the trainer needs fixed batch shapes
+  c.random_flip = False  # random horizontal flips (seeded; the DiT/ADM ImageNet recipe uses them)
+  c.num_classes = config_dict.placeholder(int)  # 'fake' labels; None = config.model.num_classes
+  for key, value in overrides.items():
+    if key not in c:
+      raise ValueError(f"Unknown data config field {key!r}; known: {sorted(c.keys())}")
+    c[key] = value
+  return c
+
+
+def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.data over the defaults, validated."""
+  if "data" not in config or config.data is None:
+    raise ValueError("The experiment config has no `data` section; add "
+                     "`c.data = pixeldit_jax.data.default_data_config(source=...)`")
+  d = default_data_config(**dict(config.data.items()))
+  if d.source not in SOURCES:
+    raise ValueError(f"config.data.source must be one of {SOURCES}, got {d.source!r}")
+  if not d.drop_remainder:
+    raise ValueError("config.data.drop_remainder=False is not supported: training batches must "
+                     "all have the same shape")
+  if int(d.num_workers) < 0 or int(d.read_threads) < 0:
+    raise ValueError(f"config.data.num_workers ({d.num_workers}) and read_threads "
+                     f"({d.read_threads}) must be >= 0")
+  return d
