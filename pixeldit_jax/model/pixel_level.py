@@ -74,7 +74,9 @@ class PixelwiseAdaLN(nnx.Module):
 
   def __call__(self, s_cond: jax.Array) -> tuple[jax.Array, ...]:
     theta = self.proj(s_cond).reshape(*s_cond.shape[:-1], self.pixels, self.num_params, self.pixel_dim)
-    return tuple(theta[..., k, :] for k in range(self.num_params))  # each (B, L, p*p or 1, D_pix)
+    # jnp.split (not theta[..., k, :]): its gradient is one concatenate, where six slices would
+    # each be zero-padded back to full size and summed (the largest cost of the CPU backward).
+    return tuple(p.squeeze(-2) for p in jnp.split(theta, self.num_params, axis=-2))  # (B, L, p*p or 1, D_pix)
 
 
 def _pixel_rope_in_patch_order(head_dim, height, width, p, theta, scale):

@@ -47,11 +47,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
     decay = ema_decay(tcfg, state.step)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32),
                        state.ema_params, params)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    # One branch chosen for the whole tree: no elementwise select over every weight and moment.
+    params, ema, opt_state = jax.lax.cond(finite, lambda: (params, ema, opt_state),
+                                          lambda: (state.params, state.ema_params, state.opt_state))
     new_state = state.replace(
-        step=state.step + 1,
-        params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
-        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
         nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step),
         skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
     metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
