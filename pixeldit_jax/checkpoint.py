@@ -73,6 +73,24 @@ def read_meta(directory: str, step: Optional[int] = None) -> tuple[int, dict]:
   return step, meta
 
 
+def load_params(directory: str, abstract_params, item: str = EMA_PARAMS, step: Optional[int] = None):
+  """Restore one weight item onto the shapes, dtypes and shardings of `abstract_params`
+  (a pure dict of ShapeDtypeStructs; without shardings the arrays land on the default device)."""
+  step, _ = read_meta(directory, step)
+  with _manager(directory, create=False) as mngr:
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)}))
+    except Exception as e:  # noqa: BLE001 - re-raised with the path and item that failed
+      raise CheckpointError(f"Could not restore item {item!r} of step {step} from {directory}: {e}") from e
+  return restored[item]
+
+
+def model_config(directory: str, step: Optional[int] = None, **overrides) -> PixelDiTConfig:
+  """The model config recorded in a checkpoint, with numerics-only fields overridden."""
+  _, meta = read_meta(directory, step)
+  return PixelDiTConfig.from_dict({**meta["model"], **overrides})
+
+
 def load_model(directory: str, item: str = EMA_PARAMS, step: Optional[int] = None,
                **config_overrides) -> tuple[PixelDiT, dict]:
   """Rebuild the model recorded in a checkpoint's meta and load one weight item into it.
@@ -85,13 +103,9 @@ def load_model(directory: str, item: str = EMA_PARAMS, step: Optional[int] = Non
   graphdef, state = nnx.split(abstract)
   params_target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), params_target)
-  with _manager(directory, create=False) as mngr:
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
-    except Exception as e:  # noqa: BLE001 - re-raised with the path and item that failed
-      raise CheckpointError(f"Could not restore item {item!r} of step {step} from {directory}: {e}") from e
+  params = load_params(directory, target, item, step)
   model = nnx.merge(graphdef, state)
-  nnx.update(model, _as_state(model, restored[item]))
+  nnx.update(model, _as_state(model, params))
   return model, meta
 
 

@@ -73,6 +73,17 @@ def train_defaults() -> ml_collections.ConfigDict:
   ))
 
 
+def sample_defaults() -> ml_collections.ConfigDict:
+  """The sampling binary's settings: the released 320-epoch ImageNet-256 evaluation (spec §5.2)."""
+  return ml_collections.ConfigDict(dict(
+      sampler="ab2",  # the released "FlowDPMSolver"; also "euler", "heun"
+      num_steps=100, cfg_scale=2.75, cfg_interval=(0.1, 0.9), time_shift=1.0,
+      num_per_class=50,  # 50 x 1000 classes = the 50K-sample FID protocol
+      batch_size=64,  # global; rounded up to a multiple of the batch devices
+      seed=0,
+  ))
+
+
 def sharding_defaults() -> ml_collections.ConfigDict:
   from pixeldit_jax import sharding  # noqa: PLC0415 - keeps config files light to import
   return ml_collections.ConfigDict(dict(
@@ -91,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = train_defaults()
   c.sharding = sharding_defaults()
   c.data = data.default_data_config()
+  c.sample = sample_defaults()
   return c
 
 
@@ -110,6 +122,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       errors.append(f"{key} must be positive, got {value}")
   if not 0.0 <= t.ema_decay < 1.0:
     errors.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+  from pixeldit_jax.diffusion.samplers import SAMPLERS  # noqa: PLC0415
+  if config.sample.sampler not in SAMPLERS:
+    errors.append(f"sample.sampler must be one of {SAMPLERS}, got {config.sample.sampler!r}")
+  if config.sample.num_steps <= 0 or config.sample.num_per_class <= 0:
+    errors.append("sample.num_steps and sample.num_per_class must be positive")
   if errors:
     raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
 

@@ -1,7 +1,18 @@
-"""Samplers on the ImageNet-convention velocity field (t: 0 = noise -> 1 = data).
+"""ODE samplers: pure functions of (model apply, noise, conditioning, schedule settings).
 
-The full sampler set (AB2 "FlowDPMSolver", Heun, DPM-Solver++ for T2I) belongs to the sampling
-binary; training uses the Euler sampler below for its periodic sample grids.
+ImageNet convention (spec §4.1, §5.1): t runs from 0 (noise) to 1 (data), `apply(x, t, cond)`
+returns the velocity x - eps. The grid is linspace(0, 1 - 1/N, N) with 1.0 appended, then
+time-shifted. Samplers: `ab2` (the released "FlowDPMSolver": Adams-Bashforth 2 on the velocity,
+first step Euler, fixed 1.5/-0.5 weights as released), `euler`, `heun`.
+
+Text-to-image convention (spec §7.4): sigma runs from ~1 (noise) to 0 (data), `apply(x, 1000 *
+sigma, cond)` returns eps - x0 and x0 = x - sigma * v. Sampler: `dpm_solver_pp_2m` (multistep
+DPM-Solver++ of order 2 in data prediction, first-order final step).
+
+Classifier-free guidance runs the unconditional and conditional halves in one forward pass
+(uncond first, as released) and applies v_u + w (v_c - v_u) strictly inside the interval; outside
+it the conditional prediction is used alone. `cond`/`uncond` are arrays (class labels or text
+embeddings) with a leading batch axis.
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ import jax.numpy as jnp
 
 from pixeldit_jax.diffusion.flow import time_shift
 
+SAMPLERS = ("ab2", "euler", "heun")
+
 
 def time_grid(num_steps: int, shift: float = 1.0) -> jax.Array:
   """linspace(0, 1 - 1/N, N) with 1.0 appended, then shifted (the released sampler's grid)."""
@@ -20,34 +33,115 @@ def time_grid(num_steps: int, shift: float = 1.0) -> jax.Array:
   return time_shift(grid, shift)
 
 
-def guided_velocity(apply: Callable, x, t, labels, null_class: int, cfg_scale: float,
-                    interval: tuple[float, float] = (0.0, 1.0)):
-  """Velocity at scalar time t with classifier-free guidance: v_u + w (v_c - v_u) when interval[0] < t < interval[1] (strict), else v_c.
-
-  The conditional and null-class halves run in one forward pass (uncond first, as released).
-  """
-  tt = jnp.full((x.shape[0],), t, jnp.float32)
-  if cfg_scale == 1.0:
-    return apply(x, tt, labels)
-  both = apply(jnp.concatenate([x, x]), jnp.concatenate([tt, tt]),
-               jnp.concatenate([jnp.full_like(labels, null_class), labels]))
-  v_u, v_c = jnp.split(both, 2)
-  inside = (t > interval[0]) & (t < interval[1])
-  return jnp.where(inside, v_u + cfg_scale * (v_c - v_u), v_c)
+def guided(apply: Callable, x, time, cond, uncond, cfg_scale: float, interval=(0.0, 1.0)):
+  """Prediction at scalar `time` with CFG when interval[0] < time < interval[1] (strict)."""
+  n = x.shape[0]
+  tt = jnp.full((n,), time, jnp.float32)
+  if cfg_scale == 1.0 or uncond is None:
+    return apply(x, tt, cond)
+  both = apply(jnp.concatenate([x, x]), jnp.concatenate([tt, tt]), jnp.concatenate([uncond, cond]))
+  out_u, out_c = both[:n], both[n:]
+  inside = (time > interval[0]) & (time < interval[1])
+  return jnp.where(inside, out_u + cfg_scale * (out_c - out_u), out_c)
 
 
-def euler(apply: Callable, noise: jax.Array, labels: jax.Array, *, num_steps: int, null_class: int,
-          cfg_scale: float = 1.0, interval=(0.0, 1.0), shift: float = 1.0) -> jax.Array:
-  """Integrate dx/dt = v from t = 0 (noise) to t = 1 with explicit Euler steps."""
-  grid = time_grid(num_steps, shift)
+def _velocity_fn(apply, cond, uncond, cfg_scale, interval):
+  return lambda x, t: guided(apply, x, t, cond, uncond, cfg_scale, interval)
+
+
+def euler(apply: Callable, noise, cond, uncond=None, *, num_steps: int, cfg_scale: float = 1.0,
+          interval=(0.0, 1.0), shift: float = 1.0) -> jax.Array:
+  """Explicit Euler from t = 0 to 1 (first order)."""
+  grid, v = time_grid(num_steps, shift), _velocity_fn(apply, cond, uncond, cfg_scale, interval)
+
+  def step(x, i):
+    return x + (grid[i + 1] - grid[i]) * v(x, grid[i]), None
+
+  return jax.lax.scan(step, noise, jnp.arange(num_steps))[0]
+
+
+def heun(apply: Callable, noise, cond, uncond=None, *, num_steps: int, cfg_scale: float = 1.0,
+         interval=(0.0, 1.0), shift: float = 1.0) -> jax.Array:
+  """Heun's method (explicit trapezoid; second order, two evaluations per step)."""
+  grid, v = time_grid(num_steps, shift), _velocity_fn(apply, cond, uncond, cfg_scale, interval)
 
   def step(x, i):
     t, t_next = grid[i], grid[i + 1]
-    v = guided_velocity(apply, x, t, labels, null_class, cfg_scale, interval)
-    return x + (t_next - t) * v, None
+    v0 = v(x, t)
+    x_pred = x + (t_next - t) * v0
+    return x + (t_next - t) * 0.5 * (v0 + v(x_pred, t_next)), None
 
-  x, _ = jax.lax.scan(step, noise, jnp.arange(num_steps))
-  return x
+  return jax.lax.scan(step, noise, jnp.arange(num_steps))[0]
+
+
+def ab2(apply: Callable, noise, cond, uncond=None, *, num_steps: int, cfg_scale: float = 1.0,
+        interval=(0.0, 1.0), shift: float = 1.0) -> jax.Array:
+  """The released "FlowDPMSolver": x += dt (1.5 v_k - 0.5 v_{k-1}), the first step Euler.
+
+  The weights are the fixed-step AB2 weights even on a shifted (non-uniform) grid, as released;
+  on a uniform grid (shift 1) the method is second order.
+  """
+  grid, v = time_grid(num_steps, shift), _velocity_fn(apply, cond, uncond, cfg_scale, interval)
+
+  def step(carry, i):
+    x, v_prev = carry
+    v_cur = v(x, grid[i])
+    slope = jnp.where(i == 0, v_cur, 1.5 * v_cur - 0.5 * v_prev)
+    return (x + (grid[i + 1] - grid[i]) * slope, v_cur), None
+
+  return jax.lax.scan(step, (noise, jnp.zeros_like(noise)), jnp.arange(num_steps))[0][0]
+
+
+def sample(name: str, *args, **kwargs) -> jax.Array:
+  """Dispatch by sampler name ('ab2', 'euler', 'heun')."""
+  fns = {"ab2": ab2, "euler": euler, "heun": heun}
+  if name not in fns:
+    raise ValueError(f"Unknown sampler {name!r}; choose one of {sorted(fns)}")
+  return fns[name](*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- sigma convention
+
+def sigma_grid(num_steps: int, shift: float = 1.0) -> jax.Array:
+  """SANA's time_uniform_flow grid: 1 - linspace(1, 0.001, N+1), shifted, reversed (~1 -> 0)."""
+  sigma = 1.0 - jnp.linspace(1.0, 0.001, num_steps + 1)
+  sigma = shift * sigma / (1.0 + (shift - 1.0) * sigma)
+  return sigma[::-1]
+
+
+def dpm_solver_pp_2m(apply: Callable, noise, cond, uncond=None, *, num_steps: int,
+                     cfg_scale: float = 1.0, interval=(0.0, 1.0), shift: float = 1.0) -> jax.Array:
+  """Multistep DPM-Solver++(2M) for x_sigma = (1 - sigma) x0 + sigma eps, model time 1000 sigma.
+
+  With alpha = 1 - sigma and lambda = log(alpha / sigma), one step from s to t is
+      x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D,   h = lambda_t - lambda_s,
+  with D = x0(s) for the first and last steps and D = (1 + 1/(2r)) x0(s) - 1/(2r) x0(s_prev),
+  r = h_prev / h, otherwise. The last step (to sigma = 0) returns D = x0.
+  """
+  sigmas = sigma_grid(num_steps, shift)
+
+  def x0_pred(x, sigma):
+    v = guided(lambda a, b, c: apply(a, 1000.0 * b, c), x, sigma, cond, uncond, cfg_scale, interval)
+    return x - sigma * v
+
+  def lam(sigma):
+    return jnp.log(1.0 - sigma) - jnp.log(sigma)
+
+  def step(carry, i):
+    x, x0_prev, h_prev = carry
+    s, t = sigmas[i], sigmas[i + 1]
+    x0 = x0_pred(x, s)
+    last = i == num_steps - 1
+    h = lam(t) - lam(s)
+    r = h_prev / h
+    second = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+    d = jnp.where((i == 0) | last, x0, second)
+    # At t = 0 (last step) the update is x0 itself; the formula's limit, written out.
+    x_next = jnp.where(last, d, (t / s) * x - (1.0 - t) * jnp.expm1(-h) * d)
+    return (x_next, x0, h), None
+
+  init = (noise, jnp.zeros_like(noise), jnp.ones((), jnp.float32))
+  return jax.lax.scan(step, init, jnp.arange(num_steps))[0][0]
 
 
 def to_uint8(x: jax.Array) -> jax.Array:

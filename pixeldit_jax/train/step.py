@@ -68,7 +68,7 @@ def make_sample_fn(graphdef: nnx.GraphDef, null_class: int, *, num_steps: int, c
 
   def sample(params, noise, labels):
     apply = lambda x, t, y: nnx.merge(graphdef, params)(x, t, y)
-    x = samplers.euler(apply, noise, labels, num_steps=num_steps, null_class=null_class,
+    x = samplers.euler(apply, noise, labels, jnp.full_like(labels, null_class), num_steps=num_steps,
                        cfg_scale=cfg_scale, interval=tuple(interval), shift=shift)
     return samplers.to_uint8(x)
 

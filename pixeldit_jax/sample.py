@@ -1,0 +1,171 @@
+"""Sampling entry point: EMA weights from an Orbax checkpoint -> samples.npz + PNG grid.
+
+  python -m pixeldit_jax.sample --config=configs/imagenet256_xl.py --checkpoint=/abs/ckpt_dir
+  python -m pixeldit_jax.sample --config=configs/fashion_mnist.py --workdir=workdir/demo
+
+`--workdir` reads `<workdir>/checkpoints` (a training run); `--checkpoint` any checkpoint
+directory written by training or by pixeldit_jax.tools.import_official. The model is rebuilt from
+the checkpoint's own record. Sampler settings come from `config.sample` (ImageNet protocol:
+`num_per_class` images per class, sample i has class i // num_per_class).
+
+Every sample has its own seed, noise_i = N(0, I) from fold_in(PRNGKey(sample.seed), i), so any
+subset can be regenerated and the images do not depend on the batch size or on how many devices or
+hosts share the work. Finished batches are written as parts and a rerun resumes after the last
+one. The result is `samples.npz` in the ADM evaluator's layout: `arr_0` uint8 NHWC, `arr_1` labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from pixeldit_jax import checkpoint as ckpt_lib
+from pixeldit_jax import images, sharding
+from pixeldit_jax.diffusion import samplers
+from pixeldit_jax.model import abstract as abstract_model
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: restores <workdir>/checkpoints.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint directory (training or imported).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir or checkpoint>/samples_<settings>).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
+def settings_tag(s) -> str:
+  lo, hi = s.cfg_interval
+  return f"{s.sampler}{s.num_steps}_cfg{s.cfg_scale:g}_i{lo:g}-{hi:g}_shift{s.time_shift:g}_seed{s.seed}"
+
+
+def noise_for(indices: jax.Array, seed: int, shape) -> jax.Array:
+  """Per-sample noise from the sample's global index only."""
+  base = jax.random.PRNGKey(seed)
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), shape))(indices)
+
+
+def make_sample_batch(graphdef, s, image_shape, null_class: int):
+  """(params, indices, labels) -> uint8 images, jitted once per batch shape."""
+
+  def sample_batch(params, indices, labels):
+    apply = lambda x, t, y: nnx.merge(graphdef, params)(x, t, y)
+    noise = noise_for(indices, s.seed, image_shape)
+    x = samplers.sample(s.sampler, apply, noise, labels, jnp.full_like(labels, null_class),
+                        num_steps=s.num_steps, cfg_scale=s.cfg_scale, interval=tuple(s.cfg_interval),
+                        shift=s.time_shift)
+    return samplers.to_uint8(x)
+
+  return sample_batch
+
+
+def run(config, checkpoint_dir: str, out_dir: str, step=None) -> dict:
+  """Generate (or finish generating) the configured sample set. Returns a summary dict."""
+  s = config.sample
+  model_cfg = ckpt_lib.model_config(checkpoint_dir, step, dtype=config.model.dtype,
+                                    attention_impl=config.model.attention_impl,
+                                    scan_layers=config.model.scan_layers, remat_policy="none")
+  h, w = config.image_size
+  total = s.num_per_class * model_cfg.num_classes
+  mesh = sharding.make_mesh(config.sharding.mesh_shape)
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = -(-s.batch_size // batch_devices) * batch_devices
+  model = abstract_model(model_cfg)
+  graphdef = nnx.graphdef(model)
+  param_shardings = sharding.named(mesh, sharding.param_specs(model, mesh, rules))
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)), param_shardings)
+  params = ckpt_lib.load_params(checkpoint_dir, target, ckpt_lib.EMA_PARAMS, step)
+
+  parts_dir = os.path.join(out_dir, "parts")
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(parts_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "settings.json"), "w") as f:
+      json.dump({"checkpoint": os.path.abspath(checkpoint_dir), "step": step, "image_size": [h, w],
+                 "total": total, **s.to_dict()}, f, indent=1, default=str)
+  multihost_utils.sync_global_devices("sample_start")
+  done = {int(n[5:12]) for n in os.listdir(parts_dir) if n.startswith("part_") and n.endswith(".npz")}
+
+  batch_sharding = sharding.batch_sharding(mesh, rules, 1)
+  fn = jax.jit(make_sample_batch(graphdef, s, (h, w, model_cfg.in_channels), model_cfg.num_classes),
+               in_shardings=(param_shardings, batch_sharding, batch_sharding))
+  starts = [b for b in range(0, total, batch) if b not in done]
+  bar = tqdm(total=total, initial=total - sum(min(batch, total - b) for b in starts), unit="img",
+             desc="sample", disable=not is_main, dynamic_ncols=True)
+  t0, generated = time.perf_counter(), 0
+  with jax.set_mesh(mesh):
+    for b in starts:
+      idx = np.arange(b, b + batch)  # the last batch runs past `total`; the extra is dropped
+      labels = np.minimum(idx // s.num_per_class, model_cfg.num_classes - 1).astype(np.int32)
+      put = lambda a: jax.make_array_from_process_local_data(batch_sharding, a[_local_slice(len(a))])
+      out = fn(params, put(idx.astype(np.int32)), put(labels))
+      imgs = np.asarray(multihost_utils.process_allgather(out, tiled=True))
+      n = min(batch, total - b)
+      if is_main:
+        tmp = os.path.join(parts_dir, f"tmp_{b:07d}.npz")
+        np.savez(tmp, arr_0=imgs[:n], arr_1=labels[:n])
+        os.replace(tmp, os.path.join(parts_dir, f"part_{b:07d}.npz"))  # a part is whole or absent
+      generated += n
+      bar.update(n)
+  bar.close()
+  seconds = time.perf_counter() - t0
+  summary = dict(total=total, generated=generated, seconds=seconds,
+                 images_per_s=generated / seconds if generated else None, out_dir=out_dir)
+  if is_main:
+    summary.update(_assemble(out_dir, parts_dir, total, model_cfg.num_classes, s.num_per_class, (h, w)))
+  multihost_utils.sync_global_devices("sample_end")
+  return summary
+
+
+def _local_slice(n: int) -> slice:
+  """This process's contiguous share of a global batch of n."""
+  per = n // jax.process_count()
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def _assemble(out_dir, parts_dir, total, num_classes, per_class, hw) -> dict:
+  parts = sorted(n for n in os.listdir(parts_dir) if n.startswith("part_"))
+  arrays = [np.load(os.path.join(parts_dir, n)) for n in parts]
+  x = np.concatenate([a["arr_0"] for a in arrays])
+  y = np.concatenate([a["arr_1"] for a in arrays])
+  if len(x) != total:
+    raise RuntimeError(f"{parts_dir} holds {len(x)} samples, expected {total}")
+  path = os.path.join(out_dir, "samples.npz")
+  np.savez(path, arr_0=x, arr_1=y)
+  rows = min(10, num_classes)
+  cols = min(10, per_class)
+  pick = np.concatenate([np.arange(c * per_class, c * per_class + cols) for c in range(rows)])
+  grid_path = os.path.join(out_dir, "grid.png")
+  images.save_png(images.grid(x[pick], rows), grid_path, scale=max(1, 256 // max(hw)))
+  return dict(samples=path, grid=grid_path)
+
+
+def main(argv):
+  del argv
+  from pixeldit_jax import config_lib
+  sharding.maybe_initialize_distributed()
+  config = _CONFIG.value
+  config_lib.validate(config)
+  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+    raise app.UsageError("Give exactly one of --workdir (a training run) or --checkpoint (a checkpoint dir).")
+  ckpt_dir = os.path.abspath(_CHECKPOINT.value or os.path.join(_WORKDIR.value, "checkpoints"))
+  out_dir = os.path.abspath(_OUT.value or os.path.join(_WORKDIR.value or _CHECKPOINT.value,
+                                                       "samples_" + settings_tag(config.sample)))
+  summary = run(config, ckpt_dir, out_dir, _STEP.value)
+  logging.info("sampling: %s", summary)
+  rate = f", {summary['images_per_s']:.2f} images/s" if summary["images_per_s"] else ""
+  print(f"{summary['total']} samples ({summary['generated']} generated now{rate}) -> "
+        f"{summary.get('samples', out_dir)}; grid: {summary.get('grid', '-')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
