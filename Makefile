@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine (Python 3.11, no GPU):
 #   make test   create .venv from requirements*.txt, then run the test suite
-#   make demo   same environment, then run the embedded default job (configs/fashion_mnist.py)
+#   make demo   same environment, then the embedded default job (configs/fashion_mnist.py): train,
+#               sample with the separate binary, and score the samples with the offline metric
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -36,6 +37,8 @@ demo: venv
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist) \
 	    || echo "Could not install dataset-fashion-mnist; the demo will use MNIST-5k instead"; fi
 	$(PY) -m pixeldit_jax.main --config=configs/fashion_mnist.py --workdir=workdir/demo
+	$(PY) -m pixeldit_jax.sample --config=configs/fashion_mnist.py --workdir=workdir/demo --out=workdir/demo/samples
+	$(PY) -m pixeldit_jax.evaluation.fmnist eval --samples workdir/demo/samples/samples.npz
 
 bench: venv
 	$(PY) bench/model_cost.py

@@ -32,7 +32,7 @@ def get_config(arg=None):
   t.ema_decay, t.ema_warmup = 0.999, True
   t.log_every, t.checkpoint_every, t.sample_every = 50, 500, 0
   t.sample_steps, t.sample_cfg_scale, t.sample_cfg_interval = 40, 2.0, (0.0, 1.0)
-  # python -m pixeldit_jax.sample --workdir=workdir/demo: 100 per class for the offline metric.
+  # python -m pixeldit_jax.sample --workdir=workdir/demo: 50 per class for the offline metric.
   c.sample.update(dict(sampler="ab2", num_steps=40, cfg_scale=2.0, cfg_interval=(0.0, 1.0),
-                       num_per_class=100, batch_size=250))
+                       num_per_class=50, batch_size=250))
   return c

@@ -13,9 +13,11 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Where the run writes its outputs.")
-_CHECK = flags.DEFINE_bool("check_model", False, "Only check the model (forward + backward), no training.")
+def _define_flags():
+  """Flags exist only when this module runs as the program (so modules can import each other)."""
+  config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Experiment config file.")
+  flags.DEFINE_string("workdir", "workdir/demo", "Where the run writes its outputs.")
+  flags.DEFINE_bool("check_model", False, "Only check the model (forward + backward), no training.")
 
 
 def check_model(config, workdir: str) -> dict:
@@ -69,10 +71,11 @@ def main(argv):
   del argv
   from pixeldit_jax import config_lib, sharding
   sharding.maybe_initialize_distributed()
-  config = _CONFIG.value
+  f = flags.FLAGS
+  config = f.config
   config_lib.validate(config)
-  if _CHECK.value:
-    report = check_model(config, _WORKDIR.value)
+  if f.check_model:
+    report = check_model(config, f.workdir)
     logging.info("model check: %s", report)
     print(f"PixelDiT: {report['params'] / 1e6:.2f} M parameters, {report['gflops_per_image']:.3f} "
           f"GFLOPs per {report['image_size'][0]}x{report['image_size'][1]} image; forward+backward on "
@@ -81,7 +84,7 @@ def main(argv):
     return
   from pixeldit_jax.train import trainer
   start = time.perf_counter()
-  summary = trainer.train(config, _WORKDIR.value)
+  summary = trainer.train(config, f.workdir)
   losses = summary["losses"]
   last = f"; last loss {losses[max(losses)]:.4f}" if losses else ""
   print(f"Trained steps {summary['start_step']} -> {summary['step']} in {time.perf_counter() - start:.0f} s"
@@ -90,4 +93,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -11,7 +11,8 @@ the checkpoint's own record. Sampler settings come from `config.sample` (ImageNe
 Every sample has its own seed, noise_i = N(0, I) from fold_in(PRNGKey(sample.seed), i), so any
 subset can be regenerated and the images do not depend on the batch size or on how many devices or
 hosts share the work. Finished batches are written as parts and a rerun resumes after the last
-one. The result is `samples.npz` in the ADM evaluator's layout: `arr_0` uint8 NHWC, `arr_1` labels.
+one. The result is `samples.npz` in the ADM evaluator's layout: `arr_0` uint8 NHWC, `arr_1` (and
+`labels`) the classes.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from pixeldit_jax import images, sharding
 from pixeldit_jax.diffusion import samplers
 from pixeldit_jax.model import abstract as abstract_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: restores <workdir>/checkpoints.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint directory (training or imported).")
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir or checkpoint>/samples_<settings>).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+def _define_flags():
+  """Flags exist only when this module runs as the program (so modules can import each other)."""
+  config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Experiment config file.")
+  flags.DEFINE_string("workdir", None, "Training workdir: restores <workdir>/checkpoints.")
+  flags.DEFINE_string("checkpoint", None, "A checkpoint directory (training or imported).")
+  flags.DEFINE_string("out", None, "Output directory (default: <workdir or checkpoint>/samples_<settings>).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 
 def settings_tag(s) -> str:
@@ -140,7 +143,7 @@ def _assemble(out_dir, parts_dir, total, num_classes, per_class, hw) -> dict:
   if len(x) != total:
     raise RuntimeError(f"{parts_dir} holds {len(x)} samples, expected {total}")
   path = os.path.join(out_dir, "samples.npz")
-  np.savez(path, arr_0=x, arr_1=y)
+  np.savez(path, arr_0=x, arr_1=y, labels=y)  # arr_1 as in ADM's labelled batches; labels by name
   rows = min(10, num_classes)
   cols = min(10, per_class)
   pick = np.concatenate([np.arange(c * per_class, c * per_class + cols) for c in range(rows)])
@@ -152,15 +155,16 @@ def _assemble(out_dir, parts_dir, total, num_classes, per_class, hw) -> dict:
 def main(argv):
   del argv
   from pixeldit_jax import config_lib
+  f = flags.FLAGS
   sharding.maybe_initialize_distributed()
-  config = _CONFIG.value
+  config = f.config
   config_lib.validate(config)
-  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+  if bool(f.workdir) == bool(f.checkpoint):
     raise app.UsageError("Give exactly one of --workdir (a training run) or --checkpoint (a checkpoint dir).")
-  ckpt_dir = os.path.abspath(_CHECKPOINT.value or os.path.join(_WORKDIR.value, "checkpoints"))
-  out_dir = os.path.abspath(_OUT.value or os.path.join(_WORKDIR.value or _CHECKPOINT.value,
-                                                       "samples_" + settings_tag(config.sample)))
-  summary = run(config, ckpt_dir, out_dir, _STEP.value)
+  ckpt_dir = os.path.abspath(f.checkpoint or os.path.join(f.workdir, "checkpoints"))
+  out_dir = os.path.abspath(f.out or os.path.join(f.workdir or f.checkpoint,
+                                                  "samples_" + settings_tag(config.sample)))
+  summary = run(config, ckpt_dir, out_dir, f.step)
   logging.info("sampling: %s", summary)
   rate = f", {summary['images_per_s']:.2f} images/s" if summary["images_per_s"] else ""
   print(f"{summary['total']} samples ({summary['generated']} generated now{rate}) -> "
@@ -168,4 +172,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
