@@ -136,9 +136,11 @@ class TrainCheckpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         save_decision_policy=save_policy, preservation_policy=ocp_keep.LatestN(keep), create=True))
 
-  def save(self, state, data_iter, meta: Mapping[str, Any], force: bool = False) -> bool:
-    """Save `state` (a TrainState) at its step if the policy says so (or `force`)."""
-    step = int(jax.device_get(state.step))
+  def save(self, state, data_iter, meta: Mapping[str, Any], step: int, force: bool = False) -> bool:
+    """Save `state` (a TrainState) as `step` if the policy says so (or `force`).
+
+    The caller passes the step it counted on the host: reading state.step back would make every
+    step wait for the device."""
     if force and step in self.manager.all_steps():
       return False
     items = {

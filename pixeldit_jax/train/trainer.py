@@ -186,10 +186,10 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
                 "config.train.nonfinite_policy='skip' to skip such updates and continue.")
         if tcfg.sample_every and done % tcfg.sample_every == 0 and done != tcfg.num_steps:
           last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, done, workdir, writer)
-        checkpointer.save(state, data_iter, {**meta, "step": done}, force=done == tcfg.num_steps)
+        checkpointer.save(state, data_iter, {**meta, "step": done}, done, force=done == tcfg.num_steps)
         if flag.stop or checkpointer.reached_preemption(done):
           stopped_by = "SIGTERM" if flag.stop else "preemption"
-          checkpointer.save(state, data_iter, {**meta, "step": done}, force=True)
+          checkpointer.save(state, data_iter, {**meta, "step": done}, done, force=True)
           break
     bar.close()
     final_step = int(jax.device_get(state.step))
