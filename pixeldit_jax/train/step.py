@@ -1,4 +1,4 @@
-"""The jitted training step and the EMA sampling function used for sample grids."""
+"""The jitted training step."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pixeldit_jax.diffusion import flow, samplers
+from pixeldit_jax.diffusion import flow
 from pixeldit_jax.train import optimizer as optimizer_lib
 from pixeldit_jax.train.state import TrainState
 
@@ -60,16 +60,3 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
     return new_state, metrics
 
   return train_step
-
-
-def make_sample_fn(graphdef: nnx.GraphDef, null_class: int, *, num_steps: int, cfg_scale: float,
-                   interval=(0.0, 1.0), shift: float = 1.0):
-  """(params, noise, labels) -> uint8 images, Euler sampling with CFG on the given weights."""
-
-  def sample(params, noise, labels):
-    apply = lambda x, t, y: nnx.merge(graphdef, params)(x, t, y)
-    x = samplers.euler(apply, noise, labels, jnp.full_like(labels, null_class), num_steps=num_steps,
-                       cfg_scale=cfg_scale, interval=tuple(interval), shift=shift)
-    return samplers.to_uint8(x)
-
-  return sample

@@ -17,7 +17,7 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pixeldit_jax import checkpoint as ckpt_lib
 from pixeldit_jax import config_lib, data, images, sharding
+from pixeldit_jax import sample as sample_lib
 from pixeldit_jax.model import abstract as abstract_model
 from pixeldit_jax.model.cost import forward_flops
 from pixeldit_jax.train import metrics as metrics_lib
@@ -75,9 +76,8 @@ def _sample_grid(sample_fn, params, config, mesh, rules, step: int, workdir: str
   padded = -(-n // batch_devices) * batch_devices
   labels = np.repeat(np.arange(rows), per_row).astype(np.int32)
   labels = np.concatenate([labels, np.zeros(padded - n, np.int32)])
-  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(tcfg.sample_seed), (padded, h, w, model_cfg.in_channels)))
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, rules, a.ndim))
-  out = sample_fn(params, put(noise), put(labels))
+  out = sample_fn(params, put(np.arange(padded, dtype=np.int32)), put(labels))
   out = np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
   grid = images.grid(out, rows)
   if jax.process_index() == 0:
@@ -131,11 +131,13 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
                          in_shardings=(state_shardings, batch_shardings),
                          out_shardings=(state_shardings, sharding.replicated(mesh)),
                          donate_argnums=(0,))
-    sample_fn = jax.jit(step_lib.make_sample_fn(
-        graphdef, null_class, num_steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg_scale,
-        interval=tuple(tcfg.sample_cfg_interval), shift=tcfg.time_shift),
+    # The sampling binary's batch function (per-index noise made on device), Euler for grids.
+    grid_settings = ml_collections.ConfigDict(dict(
+        sampler="euler", num_steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg_scale,
+        cfg_interval=tuple(tcfg.sample_cfg_interval), time_shift=tcfg.time_shift, seed=tcfg.sample_seed))
+    sample_fn = jax.jit(sample_lib.make_sample_batch(
+        graphdef, grid_settings, (*config.image_size, model_cfg.in_channels), null_class),
         in_shardings=(state_shardings.ema_params, None, None))
-
     h, w = config.image_size
     step_flops = 3 * config.batch_size * forward_flops(model_cfg, h, w)["total"]
     peak = metrics_lib.device_peak_tflops(tcfg.peak_tflops)
