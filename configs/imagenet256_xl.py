@@ -1,14 +1,19 @@
-"""PixelDiT on ImageNet 256x256 (class-conditional), the released XL/16 recipe by default.
+"""PixelDiT on ImageNet 256x256 (class-conditional): the released XL/16 recipe, with REPA.
 
-Launch (TPU v5p-32 or 8x H100; see launch/), after preparing tfds imagenet2012 in DATA_DIR:
+Launch (TPU v5p-32, or one node of 8x H100/A100 80 GB; see launch/), after preparing tfds
+imagenet2012 in DATA_DIR and downloading the DINOv2 ViT-B/14 teacher (Hugging Face
+facebook/dinov2-base model.safetensors, or torch hub dinov2_vitb14_pretrain.pth):
   python -m pixeldit_jax.main --config=configs/imagenet256_xl.py \
-      --config.data.path=DATA_DIR --workdir=gs://BUCKET/pixeldit_xl256
-Variants: `:size=B`, `:size=L` (PixelDiT-B/16 184.75 M params, -L/16 569.65 M, -XL/16 797.38 M).
-Recipe (spec §4.3): batch 256, AdamW 1e-4, clip 1.0, 1.6 M steps (320 epochs), LR 1e-5 and clip
-0.5 after 160 epochs, EMA 0.9999, logit-normal t with shift 1.0, 10% label dropout, bf16.
-Paper result (XL, 320 epochs, 100-step sampler, CFG 2.75 on t in (0.1, 0.9)): FID 1.61 — with
-REPA at block 8, which this trainer does not have yet (without it the paper's XL reaches 6.58
-instead of 2.36 at 80 epochs).
+      --config.data.path=DATA_DIR --config.repa.teacher_path=DINOV2_PATH \
+      --workdir=gs://BUCKET/pixeldit_xl256
+Variants: `:size=B`, `:size=L` (PixelDiT-B/16 184.75 M params, -L/16 569.65 M, -XL/16 797.38 M;
+the B and L recipes are the XL one, which the paper does not confirm, spec §12.8).
+Recipe (spec §4.2, §4.3): batch 256, AdamW 1e-4, clip 1.0, 1.6 M steps (320 epochs), LR 1e-5 and
+clip 0.5 after 160 epochs, EMA 0.9999, logit-normal t with shift 1.0, 10% label dropout, bf16;
+REPA weight 0.5 on the output of patch block 8 through a D-D-D-768 projector, DINOv2 at 224x224.
+Without the teacher the run stops at start; --config.repa.weight=0 trains without REPA (the
+paper's XL then reaches FID 6.58 instead of 2.36 at 80 epochs).
+Paper result (XL, 320 epochs, 100-step sampler, CFG 2.75 on t in (0.1, 0.9)): FID 1.61.
 """
 
 from pixeldit_jax import config_lib
@@ -35,4 +40,5 @@ def get_config(arg=None):
   # The released 320-epoch evaluation (FID 1.61): 100 AB2 steps, CFG 2.75 on t in (0.1, 0.9).
   # For the 80/160-epoch checkpoints use --config.sample.cfg_scale=3.25 --config.sample.cfg_interval="(0.1,1.0)".
   c.sample.update(dict(num_steps=100, cfg_scale=2.75, cfg_interval=(0.1, 0.9), time_shift=1.0))
+  c.repa.update(dict(weight=0.5, block=8, loss_form="c2i"))  # projector hidden = D, teacher 224
   return c

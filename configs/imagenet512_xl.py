@@ -1,12 +1,16 @@
-"""PixelDiT-XL/16 on ImageNet 512x512 (class-conditional).
+"""PixelDiT-XL/16 on ImageNet 512x512 (class-conditional), with REPA.
 
-Launch (TPU v5p-64 or 8x H100; see launch/), after preparing tfds imagenet2012 in DATA_DIR:
+Launch (TPU v5p-64, or 8x H100 80 GB with remat; see launch/), after preparing tfds imagenet2012
+in DATA_DIR and downloading the DINOv2 ViT-B/14 teacher (facebook/dinov2-base model.safetensors
+or dinov2_vitb14_pretrain.pth):
   python -m pixeldit_jax.main --config=configs/imagenet512_xl.py \
-      --config.data.path=DATA_DIR --workdir=gs://BUCKET/pixeldit_xl512
-Same 797.38 M parameters as at 256 (nothing in the model depends on the resolution).
-Recipe (spec §4.3; the released 512 config): batch 256, AdamW 1e-4, clip 0.5, training time
-shift 3.0, EMA 0.9999, up to 4 M steps (the released model trained 850 epochs).
-Paper result (100-step sampler, CFG 3.5, time shift 2.0): FID 1.81, with REPA (not here yet).
+      --config.data.path=DATA_DIR --config.repa.teacher_path=DINOV2_PATH \
+      --workdir=gs://BUCKET/pixeldit_xl512
+Variants `:size=B`, `:size=L`. Same 797.38 M parameters as at 256 (nothing in the model depends on
+the resolution). Recipe (spec §4.3; the released 512 config): batch 256, AdamW 1e-4, clip 0.5,
+training time shift 3.0, EMA 0.9999, up to 4 M steps (the released model trained 850 epochs);
+REPA 0.5 at patch block 8 with DINOv2 at 448x448 (a 32x32 grid, the patch grid's size).
+Paper result (100-step sampler, CFG 3.5, time shift 2.0): FID 1.81.
 """
 
 from pixeldit_jax import config_lib
@@ -28,4 +32,5 @@ def get_config(arg=None):
   t.sample_cfg_scale, t.sample_cfg_interval = 3.5, (0.1, 1.0)
   # The released 512 evaluation: 100 AB2 steps, CFG 3.5 on t in (0.1, 1), time shift 2.0.
   c.sample.update(dict(num_steps=100, cfg_scale=3.5, cfg_interval=(0.1, 1.0), time_shift=2.0, batch_size=32))
+  c.repa.update(dict(weight=0.5, block=8, loss_form="c2i"))  # teacher at 448: 14 * 512 / 16
   return c

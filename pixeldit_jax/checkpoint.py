@@ -5,6 +5,7 @@ A checkpoint directory is managed by an Orbax ``CheckpointManager``; each step h
   ``ema_params``  EMA weights (what the sampler loads), pure dict of the model's nnx.Param state
   ``params``      online weights (training only)
   ``opt_state``   optimizer state (training only)
+  ``repa_projector`` REPA projector weights (runs with REPA, and imported official checkpoints)
   ``train``       step, RNG, non-finite bookkeeping (training only)
   ``data``        the Grain iterator position (training only)
   ``meta``        JSON: format tag, the model config (so a checkpoint rebuilds its own model),
@@ -34,11 +35,16 @@ from pixeldit_jax.model import pixeldit as pixeldit_lib
 FORMAT = "pixeldit-jax/1"
 EMA_PARAMS, PARAMS, OPT_STATE, TRAIN, DATA, META = (
     "ema_params", "params", "opt_state", "train", "data", "meta")
+REPA_PROJECTOR = "repa_projector"
 _TRAIN_FIELDS = ("step", "rng", "nonfinite_step", "skipped_updates")
 
 
 class CheckpointError(RuntimeError):
   pass
+
+
+class RunMismatchError(CheckpointError):
+  """The checkpoint is readable but belongs to a differently configured run."""
 
 
 def _manager(directory: str, create: bool) -> ocp.CheckpointManager:
@@ -71,6 +77,13 @@ def read_meta(directory: str, step: Optional[int] = None) -> tuple[int, dict]:
   if meta.get("format") != FORMAT:
     raise CheckpointError(f"{directory} step {step}: unknown checkpoint format {meta.get('format')!r}")
   return step, meta
+
+
+def items(directory: str, step: Optional[int] = None) -> set[str]:
+  """Names of the items saved at `step` (default: the latest)."""
+  step, _ = read_meta(directory, step)
+  path = os.path.join(os.path.abspath(os.path.expanduser(directory)), str(step))
+  return {n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))}
 
 
 def load_params(directory: str, abstract_params, item: str = EMA_PARAMS, step: Optional[int] = None):
@@ -147,6 +160,7 @@ class TrainCheckpointer:
         PARAMS: ocp.args.StandardSave(state.params),
         EMA_PARAMS: ocp.args.StandardSave(state.ema_params),
         OPT_STATE: ocp.args.StandardSave(state.opt_state),
+        **({REPA_PROJECTOR: ocp.args.StandardSave(state.projector)} if state.projector else {}),
         TRAIN: ocp.args.StandardSave({k: getattr(state, k) for k in _TRAIN_FIELDS}),
         DATA: grain.checkpoint.CheckpointSave(data_iter),
         META: ocp.args.JsonSave({"format": FORMAT, **meta}),
@@ -161,6 +175,8 @@ class TrainCheckpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         return self._restore(step, abstract_state, data_iter)
+      except RunMismatchError:
+        raise
       except Exception as e:  # noqa: BLE001 - any failure to read a step means: try an older one
         logging.error("Checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one.",
                       step, self.directory, type(e).__name__, str(e)[:500])
@@ -176,15 +192,26 @@ class TrainCheckpointer:
     self.manager.reload()
 
   def _restore(self, step, abstract_state, data_iter):
+    want_projector = bool(abstract_state.projector)
+    if want_projector != os.path.isdir(os.path.join(self.directory, str(step), REPA_PROJECTOR)):
+      # The optimizer state's structure differs too: not resumable, but not a damaged checkpoint.
+      raise RunMismatchError(
+          f"Checkpoint step {step} in {self.directory} was saved "
+          f"{'without' if want_projector else 'with'} REPA, but the config now has REPA "
+          f"{'on' if want_projector else 'off'}. Keep the original setting to resume, or start a "
+          f"new workdir with --config.train.init_from={self.directory} to keep the weights.")
     items = {
         PARAMS: ocp.args.StandardRestore(abstract_state.params),
         EMA_PARAMS: ocp.args.StandardRestore(abstract_state.ema_params),
         OPT_STATE: ocp.args.StandardRestore(abstract_state.opt_state),
+        **({REPA_PROJECTOR: ocp.args.StandardRestore(abstract_state.projector)}
+           if want_projector else {}),
         TRAIN: ocp.args.StandardRestore({k: getattr(abstract_state, k) for k in _TRAIN_FIELDS}),
         DATA: grain.checkpoint.CheckpointRestore(data_iter),
     }
     r = self.manager.restore(step, args=ocp.args.Composite(**items))
     return abstract_state.replace(params=r[PARAMS], ema_params=r[EMA_PARAMS],
+                                  projector=r[REPA_PROJECTOR] if want_projector else {},
                                   opt_state=r[OPT_STATE], **r[TRAIN])
 
   def reached_preemption(self, step: int) -> bool:

@@ -65,7 +65,13 @@ def train_defaults() -> ml_collections.ConfigDict:
       grad_clip_after_step_down=0.5,
       ema_decay=0.9999, ema_warmup=False,
       time_shift=1.0, label_dropout=0.1,
+      # CAME (T2I recipe, spec §7.2): optimizer="came" uses b1, b2, b3 and came_eps.
+      b3=0.9999, came_eps=(1e-30, 1e-16),
       nonfinite_policy="stop",  # or "skip": drop the update and go on
+      # Start a fresh run from another checkpoint's weights (fresh optimizer; the official
+      # --load_from between T2I stages). Ignored when the workdir already has checkpoints.
+      init_from=config_dict.placeholder(str),
+      sample_prompts=(),  # text-to-image grids: one row per prompt
       log_every=50, checkpoint_every=10_000, keep_checkpoints=3,
       sample_every=10_000, sample_steps=50, sample_cfg_scale=3.0, sample_cfg_interval=(0.1, 1.0),
       sample_rows=10, sample_per_row=10, sample_seed=0,
@@ -81,6 +87,21 @@ def sample_defaults() -> ml_collections.ConfigDict:
       num_per_class=50,  # 50 x 1000 classes = the 50K-sample FID protocol
       batch_size=64,  # global; rounded up to a multiple of the batch devices
       seed=0,
+  ))
+
+
+def repa_defaults() -> ml_collections.ConfigDict:
+  """REPA (spec §4.2, §7.2). Off unless weight > 0; the released recipes use 0.5."""
+  return ml_collections.ConfigDict(dict(
+      weight=0.0,
+      block=8,  # 1-based: the student is the output of this patch (or MM-DiT) block
+      projector_dim=config_dict.placeholder(int),  # hidden width; None: the model's D (C2I)
+      teacher_dim=768,  # DINOv2 ViT-B/14
+      teacher_path=config_dict.placeholder(str),  # HF model.safetensors (dir) or hub .pth
+      teacher_size=config_dict.placeholder(tuple),  # teacher input (H, W); None: 14 H/16 x 14 W/16
+      teacher_dtype="bfloat16",
+      loss_form="c2i",  # "c2i": mean(1 - cos), pooled student; "t2i": -mean(cos) (pixeldit_jax.train.repa)
+      features_path=config_dict.placeholder(str),  # precomputed teacher features instead of a teacher
   ))
 
 
@@ -103,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding = sharding_defaults()
   c.data = data.default_data_config()
   c.sample = sample_defaults()
+  c.repa = repa_defaults()
   return c
 
 
@@ -122,9 +144,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
       errors.append(f"{key} must be positive, got {value}")
   if not 0.0 <= t.ema_decay < 1.0:
     errors.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-  from pixeldit_jax.diffusion.samplers import SAMPLERS  # noqa: PLC0415
-  if config.sample.sampler not in SAMPLERS:
-    errors.append(f"sample.sampler must be one of {SAMPLERS}, got {config.sample.sampler!r}")
+  from pixeldit_jax.diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS  # noqa: PLC0415
+  text_to_image = config.model.get("text_dim") is not None
+  allowed = SIGMA_SAMPLERS if text_to_image else SAMPLERS
+  if config.sample.sampler not in allowed:
+    errors.append(f"sample.sampler must be one of {allowed} for this "
+                  f"{'text-to-image' if text_to_image else 'class-conditional'} model (its time "
+                  f"convention), got {config.sample.sampler!r}")
+  if text_to_image and "text" not in config:
+    errors.append("a text-to-image model needs a `text` section (pixeldit_jax.text.text_config_defaults())")
+  if t.optimizer not in ("adamw", "came"):
+    errors.append(f"train.optimizer must be 'adamw' or 'came', got {t.optimizer!r}")
+  r = config.get("repa")
+  if r is not None and r.weight > 0:
+    from pixeldit_jax.train.repa import LOSS_FORMS  # noqa: PLC0415
+    if not 1 <= r.block <= cfg.patch_depth:
+      errors.append(f"repa.block {r.block} is outside the model's patch blocks 1..{cfg.patch_depth}")
+    if r.loss_form not in LOSS_FORMS:
+      errors.append(f"repa.loss_form must be one of {LOSS_FORMS}, got {r.loss_form!r}")
+    size = tuple(r.teacher_size) if r.get("teacher_size") else (14 * h // cfg.patch_size, 14 * w // cfg.patch_size)
+    if size[0] % 14 or size[1] % 14:
+      errors.append(f"repa.teacher_size {size} is not divisible by the teacher's patch size 14")
+  elif r is not None and r.weight < 0:
+    errors.append(f"repa.weight must be >= 0, got {r.weight}")
   if config.sample.num_steps <= 0 or config.sample.num_per_class <= 0:
     errors.append("sample.num_steps and sample.num_per_class must be positive")
   if errors:

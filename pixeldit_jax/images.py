@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -22,4 +24,5 @@ def save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
   img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img.save(path)

@@ -42,6 +42,7 @@ def _define_flags():
   flags.DEFINE_string("checkpoint", None, "A checkpoint directory (training or imported).")
   flags.DEFINE_string("out", None, "Output directory (default: <workdir or checkpoint>/samples_<settings>).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("prompts", None, "Text-to-image: a file of prompts (one per line, or a JSON list).")
 
 
 def settings_tag(s) -> str:
@@ -67,6 +68,98 @@ def make_sample_batch(graphdef, s, image_shape, null_class: int):
     return samplers.to_uint8(x)
 
   return sample_batch
+
+
+def make_text_sample_batch(graphdef, s, image_shape):
+  """(params, indices, text (B, L, C), negative (B, L, C)) -> uint8 images: DPM-Solver++(2M) in
+  the sigma convention, CFG against the negative-prompt (or null) embedding."""
+
+  def sample_batch(params, indices, text, negative):
+    apply = lambda x, t, c: nnx.merge(graphdef, params)(x, t, c)
+    noise = noise_for(indices, s.seed, image_shape)
+    x = samplers.dpm_solver_pp_2m(apply, noise, text, negative, num_steps=s.num_steps,
+                                  cfg_scale=s.cfg_scale, interval=tuple(s.cfg_interval),
+                                  shift=s.time_shift)
+    return samplers.to_uint8(x)
+
+  return sample_batch
+
+
+def read_prompts(path: str) -> list[str]:
+  """One prompt per non-empty line (a .txt file), or a JSON list of strings."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No prompt file at {path!r} (one prompt per line, or a JSON list)")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  prompts = json.loads(text) if path.endswith(".json") else [l.strip() for l in text.splitlines()]
+  prompts = [p for p in prompts if p]
+  if not prompts:
+    raise ValueError(f"{path} holds no prompts")
+  return prompts
+
+
+def run_text(config, checkpoint_dir: str, out_dir: str, prompts: list[str], step=None, cond=None) -> dict:
+  """Text-to-image sampling: `sample.num_per_prompt` images per prompt at config.image_size.
+
+  Sample i is prompt i // num_per_prompt with noise from index i, so results do not depend on the
+  batch size. Writes samples.npz (arr_0 uint8 NHWC, captions), grid.png and one PNG per image.
+  """
+  from pixeldit_jax.train import conditioning as conditioning_lib  # noqa: PLC0415
+  s = config.sample
+  model_cfg = ckpt_lib.model_config(checkpoint_dir, step, dtype=config.model.dtype,
+                                    attention_impl=config.model.attention_impl,
+                                    scan_layers=config.model.scan_layers, remat_policy="none")
+  if model_cfg.text_dim is None:
+    raise ValueError(f"{checkpoint_dir} holds a class-conditional model; --prompts needs a text-to-image one")
+  _, meta = ckpt_lib.read_meta(checkpoint_dir, step)
+  if meta.get("time_convention", "t2i_sigma") != "t2i_sigma":
+    raise ValueError(f"{checkpoint_dir} was trained in the {meta['time_convention']!r} convention; "
+                     "the text-to-image sampler needs the sigma convention")
+  cond = cond or conditioning_lib.TextConditioning(config)
+  h, w = config.image_size
+  per = int(s.get("num_per_prompt", 1))
+  total = len(prompts) * per
+  mesh = sharding.make_mesh(config.sharding.mesh_shape)
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = -(-min(s.batch_size, total) // batch_devices) * batch_devices
+  model = abstract_model(model_cfg)
+  graphdef = nnx.graphdef(model)
+  param_shardings = sharding.named(mesh, sharding.param_specs(model, mesh, rules))
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)), param_shardings)
+  params = ckpt_lib.load_params(checkpoint_dir, target, ckpt_lib.EMA_PARAMS, step)
+  text = cond.embed(prompts)
+  negative_prompt = s.get("negative_prompt") or ""
+  negative = cond.embed([negative_prompt], null=True)
+  fn = jax.jit(make_text_sample_batch(graphdef, s, (h, w, model_cfg.in_channels)))
+  put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, rules, a.ndim))
+  outputs = []
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    for b in tqdm(range(0, total, batch), desc="sample", unit="batch", disable=jax.process_index() != 0):
+      idx = np.arange(b, b + batch)
+      which = np.minimum(idx // per, len(prompts) - 1)
+      out = fn(params, put(idx.astype(np.int32)), put(text[which]), put(np.repeat(negative, batch, 0)))
+      outputs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:total - b])
+  seconds = time.perf_counter() - t0
+  x = np.concatenate(outputs)[:total]
+  captions = np.array([prompts[i // per] for i in range(total)])
+  summary = dict(total=total, generated=total, seconds=seconds, images_per_s=total / seconds, out_dir=out_dir)
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "samples.npz")
+    np.savez(path, arr_0=x, captions=captions)
+    with open(os.path.join(out_dir, "settings.json"), "w") as f:
+      json.dump({"checkpoint": os.path.abspath(checkpoint_dir), "step": step, "image_size": [h, w],
+                 "prompts": prompts, **s.to_dict()}, f, indent=1, default=str)
+    for i, img in enumerate(x):
+      images.save_png(img, os.path.join(out_dir, "images", f"{i:05d}.png"))
+    grid_path = os.path.join(out_dir, "grid.png")
+    images.save_png(images.grid(x, len(prompts) if per > 1 else max(1, int(total ** 0.5))), grid_path,
+                    scale=max(1, 256 // max(h, w)))
+    summary.update(samples=path, grid=grid_path)
+  return summary
 
 
 def run(config, checkpoint_dir: str, out_dir: str, step=None) -> dict:
@@ -164,7 +257,10 @@ def main(argv):
   ckpt_dir = os.path.abspath(f.checkpoint or os.path.join(f.workdir, "checkpoints"))
   out_dir = os.path.abspath(f.out or os.path.join(f.workdir or f.checkpoint,
                                                   "samples_" + settings_tag(config.sample)))
-  summary = run(config, ckpt_dir, out_dir, f.step)
+  if f.prompts:
+    summary = run_text(config, ckpt_dir, out_dir, read_prompts(f.prompts), f.step)
+  else:
+    summary = run(config, ckpt_dir, out_dir, f.step)
   logging.info("sampling: %s", summary)
   rate = f", {summary['images_per_s']:.2f} images/s" if summary["images_per_s"] else ""
   print(f"{summary['total']} samples ({summary['generated']} generated now{rate}) -> "

@@ -34,6 +34,7 @@ DEFAULT_RULES = (
     ("patch_out", "tensor"),
     ("layers", None), ("kv", None), ("norm", None), ("classes", None), ("freq", None),
     ("patch_in", None), ("channels", None), ("pixel", None), ("pixel_mlp", None),
+    ("text_in", None), ("text", None),  # text embedder input width, text position table rows
 )
 
 

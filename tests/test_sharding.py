@@ -111,7 +111,7 @@ def test_golden_partition_specs_and_sharded_init_on_8_devices():
       tx = optimizer.make(config_lib.train_defaults())
       sh = state_lib.shardings(model, tx, mesh, sharding.DEFAULT_RULES)
       st = jax.jit(lambda: state_lib.init(tiny(), tx, 0), out_shardings=sh)()
-      mu = st.opt_state[1][0].mu
+      mu = st.opt_state[1][0].mu[0]  # moments of (params, projector): the model's
       placed = {
         "qkv": str(st.params["patch_blocks"]["attn"]["qkv"]["kernel"].sharding.spec),
         "mu_qkv": str(mu["patch_blocks"]["attn"]["qkv"]["kernel"].sharding.spec),

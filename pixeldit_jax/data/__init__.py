@@ -8,6 +8,7 @@
     label      int32 (B_local,)
     skipped    int32 (B_local,)  1: the example was unreadable, replaced by the next readable one
     converted  int32 (B_local,)  1: its channel count / bit depth (folders: also size) was converted
+    index      int64 (B_local,)  the source index read (after any replacement)
 
 Fields of ``config.data`` (``default_data_config(**overrides)`` gives the defaults):
   source         'fashion_mnist'  'fashion_mnist' | 'mnist_subset' | 'imagenet' | 'folder' | 'fake'
@@ -44,3 +45,8 @@ from pixeldit_jax.data.transforms import center_crop
 __all__ = ["DataNotFoundError", "UnreadableDataError", "SOURCES", "build", "center_crop",
            "default_data_config", "load_fashion_mnist", "load_mnist_subset", "local_batch_size",
            "read_idx"]
+
+# Text-to-image data (see ``text_image`` for its batches and config fields).
+from pixeldit_jax.data.text_image import T2I_SOURCES, build_text_image, default_text_image_config
+
+__all__ += ["T2I_SOURCES", "build_text_image", "default_text_image_config"]

@@ -8,6 +8,8 @@ import ml_collections
 from ml_collections import config_dict
 
 SOURCES = ("fashion_mnist", "mnist_subset", "imagenet", "folder", "fake")
+# Image-caption sources of the text-to-image pipeline (pixeldit_jax.data.text_image).
+T2I_SOURCES = ("captioned_fmnist", "webdataset", "caption_folder", "fake_text")
 
 
 def default_data_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -22,6 +24,10 @@ def default_data_config(**overrides: Any) -> ml_collections.ConfigDict:
   c.drop_remainder = True  # must stay True: the trainer needs fixed batch shapes
   c.random_flip = False  # random horizontal flips (seeded; the DiT/ADM ImageNet recipe uses them)
   c.num_classes = config_dict.placeholder(int)  # 'fake' labels; None = config.model.num_classes
+  # Text-to-image only (see pixeldit_jax.data.text_image):
+  c.buckets = config_dict.placeholder(str)  # None | 'ASPECT_RATIO_512' | 'ASPECT_RATIO_1024' | 'auto'
+  c.heldout_captions = 100  # captioned_fmnist: captions never shown in training (evaluation grids)
+  c.num_records = config_dict.placeholder(int)  # fake_text: records (None: 65,536)
   for key, value in overrides.items():
     if key not in c:
       raise ValueError(f"Unknown data config field {key!r}; known: {sorted(c.keys())}")
@@ -35,8 +41,8 @@ def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError("The experiment config has no `data` section; add "
                      "`c.data = pixeldit_jax.data.default_data_config(source=...)`")
   d = default_data_config(**dict(config.data.items()))
-  if d.source not in SOURCES:
-    raise ValueError(f"config.data.source must be one of {SOURCES}, got {d.source!r}")
+  if d.source not in SOURCES + T2I_SOURCES:
+    raise ValueError(f"config.data.source must be one of {SOURCES + T2I_SOURCES}, got {d.source!r}")
   if not d.drop_remainder:
     raise ValueError("config.data.drop_remainder=False is not supported: training batches must "
                      "all have the same shape")

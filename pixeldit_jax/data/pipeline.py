@@ -52,7 +52,8 @@ class FetchWithReplacement(grain.transforms.Map):
           log.warning("Skipping unreadable example %d of %s: %s", j, self.source.description, e)
         continue
       return {"image": example["image"], "label": np.int32(example["label"]),
-              "skipped": np.int32(k > 0), "converted": np.int32(bool(example["converted"]))}
+              "skipped": np.int32(k > 0), "converted": np.int32(bool(example["converted"])),
+              "index": np.int64(j)}  # the source index actually read (precomputed REPA features)
     if self.max_tries == n:
       raise UnreadableDataError(f"None of the {n} examples of {self.source.description} could be "
                                 "read (see the warnings above for the errors)")
@@ -93,7 +94,8 @@ def build(config: ml_collections.ConfigDict, process_index: Optional[int] = None
   """The training input pipeline of this process; ``iter()`` of it is a checkpointable iterator.
 
   Batches are dicts of numpy arrays: image uint8 (B_local, H, W, C), label / skipped / converted
-  int32 (B_local,), with B_local = config.batch_size // process_count.
+  int32 (B_local,), index int64 (B_local,) (source indices), with
+  B_local = config.batch_size // process_count.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top  (workers never need it)

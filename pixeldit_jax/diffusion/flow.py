@@ -1,4 +1,6 @@
-"""Flow matching, ImageNet convention (spec §4.1). The convention is written here and only here.
+"""Flow matching in the two released time conventions; both are written here and only here.
+
+ImageNet (class-conditional) convention, spec §4.1:
 
     t in [0, 1], t = 0 is pure noise and t = 1 is data
     x_t = t * x + (1 - t) * eps,   eps ~ N(0, I),   x in [-1, 1]
@@ -7,6 +9,16 @@
 Training times are logit-normal, t = sigmoid(N(0, 1)), then shifted toward noise by
 t <- t / (t + (1 - t) * s) (s = 1 at 256^2, 3 at 512^2). The same shift is applied to the
 sampling grid. Class labels are replaced by the null class with probability 0.1 for CFG.
+
+Text-to-image (SANA) convention, spec §7.4:
+
+    sigma in [0, 1], sigma = 1 is pure noise and sigma = 0 is data
+    x_sigma = (1 - sigma) * x0 + sigma * eps,   target v = eps - x0,   model time input 1000 * sigma
+    sigma = shift(i / 1000), i = floor(sigmoid(N(0, 1)) * 1000), shift(s) = k s / (1 + (k - 1) s)
+
+They are one process under sigma = 1 - t with v_t2i = -v_c2i (``to_sigma`` / ``to_t`` are the
+only conversion); the shifts agree under that change too. A model trained in one convention
+gives garbage when sampled in the other (spec §10.8), so each checkpoint records its own.
 """
 
 from __future__ import annotations
@@ -44,12 +56,77 @@ def drop_labels(key: jax.Array, labels: jax.Array, null_class: int, prob: float)
   return jnp.where(jax.random.uniform(key, labels.shape) < prob, null_class, labels)
 
 
+def loss_at(apply: Callable, x: jax.Array, noise: jax.Array, t: jax.Array, cond) -> jax.Array:
+  """MSE of `apply(x_t, t, cond)` against x - eps at given times and noise."""
+  pred = apply(interpolate(x, noise, t), t, cond)
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - velocity_target(x, noise)))
+
+
 def loss(apply: Callable, x: jax.Array, labels: jax.Array, key: jax.Array, *, null_class: int,
          shift: float = 1.0, label_dropout: float = 0.1) -> jax.Array:
   """Flow-matching MSE of `apply(x_t, t, y) -> velocity` on a batch of images in [-1, 1]."""
   k_t, k_noise, k_drop = jax.random.split(key, 3)
   t = sample_time(k_t, x.shape[0], shift)
   noise = jax.random.normal(k_noise, x.shape, x.dtype)
-  y = drop_labels(k_drop, labels, null_class, label_dropout)
-  pred = apply(interpolate(x, noise, t), t, y)
-  return jnp.mean(jnp.square(pred.astype(jnp.float32) - velocity_target(x, noise)))
+  return loss_at(apply, x, noise, t, drop_labels(k_drop, labels, null_class, label_dropout))
+
+
+# ----------------------------------------------------------------------------- sigma convention
+
+def sigma_shift(sigma: jax.Array, shift: float) -> jax.Array:
+  """k sigma / (1 + (k - 1) sigma): k > 1 spends more of [0, 1] near the noise end (sigma = 1)."""
+  return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def sample_sigma(key: jax.Array, batch: int, shift: float = 1.0) -> jax.Array:
+  """SANA's discrete logit-normal: index floor(sigmoid(N(0, 1)) * 1000), sigma = shift(i / 1000)."""
+  index = jnp.floor(jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32)) * 1000.0)
+  return sigma_shift(jnp.minimum(index, 999.0) / 1000.0, shift)
+
+
+def sigma_interpolate(x: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
+  """x_sigma = (1 - sigma) x0 + sigma eps."""
+  sigma = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+  return (1.0 - sigma) * x + sigma * noise
+
+
+def sigma_target(x: jax.Array, noise: jax.Array) -> jax.Array:
+  return noise - x
+
+
+def model_time(sigma: jax.Array) -> jax.Array:
+  """What the T2I model's timestep embedder receives: 1000 sigma."""
+  return 1000.0 * sigma
+
+
+def to_sigma(t: jax.Array, velocity: jax.Array | None = None):
+  """ImageNet time and velocity -> sigma convention: sigma = 1 - t, v = -v."""
+  return 1.0 - t if velocity is None else (1.0 - t, -velocity)
+
+
+def to_t(sigma: jax.Array, velocity: jax.Array | None = None):
+  """Sigma convention -> ImageNet time and velocity (the inverse of ``to_sigma``)."""
+  return 1.0 - sigma if velocity is None else (1.0 - sigma, -velocity)
+
+
+def sigma_loss_at(apply: Callable, x: jax.Array, noise: jax.Array, sigma: jax.Array, cond) -> jax.Array:
+  """MSE of `apply(x_sigma, 1000 sigma, cond)` against eps - x0 at given sigmas and noise."""
+  pred = apply(sigma_interpolate(x, noise, sigma), model_time(sigma), cond)
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - sigma_target(x, noise)))
+
+
+def drop_text(key: jax.Array, text: jax.Array, null_text: jax.Array, prob: float) -> jax.Array:
+  """Replace each caption embedding (B, L, C) by the null embedding (1, L, C) with probability `prob`."""
+  if prob <= 0:
+    return text
+  drop = jax.random.uniform(key, (text.shape[0], 1, 1)) < prob
+  return jnp.where(drop, null_text.astype(text.dtype), text)
+
+
+def sigma_loss(apply: Callable, x: jax.Array, text: jax.Array, key: jax.Array, *, null_text: jax.Array,
+               shift: float = 1.0, text_dropout: float = 0.1) -> jax.Array:
+  """Text-to-image flow-matching MSE of `apply(x_sigma, 1000 sigma, text) -> eps - x0`."""
+  k_t, k_noise, k_drop = jax.random.split(key, 3)
+  sigma = sample_sigma(k_t, x.shape[0], shift)
+  noise = jax.random.normal(k_noise, x.shape, x.dtype)
+  return sigma_loss_at(apply, x, noise, sigma, drop_text(k_drop, text, null_text, text_dropout))

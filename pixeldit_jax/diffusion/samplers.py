@@ -22,9 +22,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from pixeldit_jax.diffusion.flow import time_shift
+from pixeldit_jax.diffusion.flow import sigma_shift, time_shift
 
-SAMPLERS = ("ab2", "euler", "heun")
+SAMPLERS = ("ab2", "euler", "heun")  # ImageNet convention
+SIGMA_SAMPLERS = ("dpm_solver_pp_2m",)  # text-to-image (sigma) convention
 
 
 def time_grid(num_steps: int, shift: float = 1.0) -> jax.Array:
@@ -104,9 +105,7 @@ def sample(name: str, *args, **kwargs) -> jax.Array:
 
 def sigma_grid(num_steps: int, shift: float = 1.0) -> jax.Array:
   """SANA's time_uniform_flow grid: 1 - linspace(1, 0.001, N+1), shifted, reversed (~1 -> 0)."""
-  sigma = 1.0 - jnp.linspace(1.0, 0.001, num_steps + 1)
-  sigma = shift * sigma / (1.0 + (shift - 1.0) * sigma)
-  return sigma[::-1]
+  return sigma_shift(1.0 - jnp.linspace(1.0, 0.001, num_steps + 1), shift)[::-1]
 
 
 def dpm_solver_pp_2m(apply: Callable, noise, cond, uncond=None, *, num_steps: int,

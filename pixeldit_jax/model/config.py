@@ -1,7 +1,9 @@
 """Model hyper-parameters: one frozen dataclass, plus the paper's size presets.
 
-The defaults are PixelDiT-XL/16 as released (spec §6.1). Experiment configs (``configs/*.py``)
-hold a ``model`` dict whose fields are exactly the fields below; unknown fields are rejected.
+The defaults are PixelDiT-XL/16 as released (spec §6.1). Setting ``text_dim`` selects the
+text-to-image model instead (PixelDiT-T2I, spec §7.1: MM-DiT patch blocks over image and text
+tokens; ``num_classes`` is then unused). Experiment configs (``configs/*.py``) hold a ``model``
+dict whose fields are exactly the fields below; unknown fields are rejected.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ class PixelDiTConfig:
   in_channels: int = 3
   patch_size: int = 16
   num_classes: int = 1000  # the class table has num_classes + 1 rows; the last is the null class
+  # Text conditioning (T2I). None: the class-conditional model. Set: text embeddings of this width
+  # (Gemma-2-2B: 2304) go through Linear(text_dim -> D) -> RMSNorm and MM-DiT joint attention.
+  text_dim: Optional[int] = None
+  text_length: int = 300  # slots of the learned text position embedding (the max text tokens)
   # Patch level (semantic DiT).
   hidden_size: int = 1152  # D
   num_heads: int = 16
@@ -55,6 +61,13 @@ class PixelDiTConfig:
       errors.append(f"2D RoPE needs head_dim % 4 == 0, got head_dim {self.head_dim}")
     if self.pixel_depth < 0 or self.patch_depth < 0:
       errors.append("patch_depth and pixel_depth must be >= 0")
+    if self.text_dim is not None:
+      if self.text_dim < 1:
+        errors.append(f"text_dim must be a positive width or None, got {self.text_dim}")
+      if self.text_length < 1:
+        errors.append(f"text_length must be >= 1, got {self.text_length}")
+      if self.pixel_depth < 1 or self.patch_depth < 1:
+        errors.append("the text-to-image model needs patch_depth >= 1 and pixel_depth >= 1")
     if self.pixel_depth > 0:
       if self.attn_size % self.pixel_heads:
         errors.append(
@@ -75,6 +88,10 @@ class PixelDiTConfig:
       errors.append(f"attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
     if errors:
       raise ValueError("Invalid PixelDiT model config:\n  - " + "\n  - ".join(errors))
+
+  @property
+  def is_text_to_image(self) -> bool:
+    return self.text_dim is not None
 
   @property
   def head_dim(self) -> int:
@@ -110,16 +127,19 @@ class PixelDiTConfig:
     return dataclasses.asdict(self)
 
 
-# The paper's sizes (spec §6.1). Patch size 16 and D_pix 16 for all; A = D.
+# The paper's sizes (spec §6.1). Patch size 16 and D_pix 16 for all; A = D except for T2I.
 PRESETS = {
     "B": dict(hidden_size=768, num_heads=12, patch_depth=12, pixel_depth=2),
     "L": dict(hidden_size=1024, num_heads=16, patch_depth=22, pixel_depth=4),
     "XL": dict(hidden_size=1152, num_heads=16, patch_depth=26, pixel_depth=4),
+    # PixelDiT-T2I 1.3B (spec §7.1, official t2i configs): 14 MM-DiT blocks, SwiGLU hidden 4096.
+    "T2I": dict(hidden_size=1536, num_heads=24, patch_depth=14, pixel_depth=2, pixel_attn_size=1152,
+                pixel_num_heads=16, text_dim=2304, text_length=300),
 }
 
 
 def preset(name: str, **overrides) -> PixelDiTConfig:
-  """PixelDiT-{B,L,XL}/16, optionally with some fields overridden."""
+  """PixelDiT-{B,L,XL}/16 or PixelDiT-T2I, optionally with some fields overridden."""
   if name not in PRESETS:
     raise ValueError(f"Unknown PixelDiT size {name!r}; choose one of {sorted(PRESETS)}")
   return PixelDiTConfig(**{**PRESETS[name], **overrides})

@@ -2,8 +2,8 @@
 
 FLOPs follow the convention of the official compute_flops tool (spec §6.2): 2 x multiply-adds
 of every Linear plus 4 * N^2 * C for each attention over N tokens of width C; norms, activations
-and elementwise work are not counted. A training step is taken as 3x the forward pass (forward +
-backward), the usual convention for MFU.
+and elementwise work are not counted. T2I counts include the text tokens (spec §6.2). A training
+step is taken as 3x the forward pass (forward + backward), the usual convention for MFU.
 """
 
 from __future__ import annotations
@@ -37,17 +37,28 @@ def _attention(tokens: int, width: int) -> int:
   return _linear(tokens, width, 3 * width) + _linear(tokens, width, width) + 4 * tokens ** 2 * width
 
 
-def forward_flops(cfg: PixelDiTConfig, height: int, width: int) -> dict[str, int]:
-  """Forward FLOPs of one image at (height, width), by component, plus 'total'."""
+def forward_flops(cfg: PixelDiTConfig, height: int, width: int,
+                  text_tokens: Optional[int] = None) -> dict[str, int]:
+  """Forward FLOPs of one image at (height, width), by component, plus 'total'.
+
+  For the T2I model the text stream (`text_tokens`, default cfg.text_length) runs through every
+  MM-DiT block and joins the image tokens in one attention over L + T tokens."""
   p, d, c = cfg.patch_size, cfg.hidden_size, cfg.in_channels
   n_patch, n_pix = (height // p) * (width // p), height * width
   f = {
       "patch_embed": _linear(n_patch, c * p * p, d),
       "timestep_embed": _linear(1, 256, d) + _linear(1, d, d),
-      # adaLN runs once per image: the condition is one vector, not one per token.
-      "patch_blocks": cfg.patch_depth * (_linear(1, d, 6 * d) + _attention(n_patch, d)
-                                         + 3 * _linear(n_patch, d, cfg.swiglu_hidden)),
   }
+  if cfg.is_text_to_image:
+    n_txt = cfg.text_length if text_tokens is None else text_tokens
+    n = n_patch + n_txt  # per-stream linears cost the same per token as one stream over all tokens
+    f["text_embed"] = _linear(n_txt, cfg.text_dim, d)
+    f["patch_blocks"] = cfg.patch_depth * (2 * _linear(1, d, 6 * d) + _attention(n, d)
+                                           + 3 * _linear(n, d, cfg.swiglu_hidden))
+  else:
+    # adaLN runs once per image: the condition is one vector, not one per token.
+    f["patch_blocks"] = cfg.patch_depth * (_linear(1, d, 6 * d) + _attention(n_patch, d)
+                                           + 3 * _linear(n_patch, d, cfg.swiglu_hidden))
   if cfg.pixel_depth == 0:
     f["out_head"] = _linear(1, d, 2 * d) + _linear(n_patch, d, p * p * c)
   else:

@@ -233,20 +233,35 @@ def stack_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs:
   return create(rngs)
 
 
-def scan_blocks(blocks: nnx.Module, x: jax.Array, *args, remat_policy: str = "none",
-                unroll: bool = False):
+def scan_blocks(blocks: nnx.Module, x, *args, remat_policy: str = "none", unroll: bool = False,
+                capture: Optional[int] = None):
   """x -> block_{depth-1}(... block_0(x, *args) ..., *args), one traced body for all blocks.
 
-  `args` are broadcast to every block; `unroll` unrolls the loop at compile time. With a remat policy, each block's activations are
-  recomputed in the backward pass instead of stored, as the policy allows.
+  `x` may be a pytree (the MM-DiT blocks carry (image, text)). `args` are broadcast to every
+  block; `unroll` unrolls the loop at compile time. With a remat policy, each block's activations
+  are recomputed in the backward pass instead of stored, as the policy allows.
+
+  `capture=k` (1-based) also returns the carry after block k (REPA's student features), kept in
+  the loop carry so that one scan still runs all blocks: returns (x_out, x_after_k).
   """
 
-  def body(h, block, *a):
-    return block(h, *a)
+  def body(carry, block, *a):
+    if capture is None:
+      return block(carry, *a)
+    h, kept, i = carry
+    h = block(h, *a)
+    kept = jax.tree.map(lambda new, old: jnp.where(i + 1 == capture, new, old), h, kept)
+    return h, kept, i + 1
 
   if remat_policy != "none":
     body = nnx.remat(body, policy=_REMAT[remat_policy], prevent_cse=False)
 
   scanned = nnx.scan(body, in_axes=(nnx.Carry, 0) + (None,) * len(args), out_axes=nnx.Carry,
                      unroll=unroll, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-  return scanned(x, blocks, *args)
+  if capture is None:
+    return scanned(x, blocks, *args)
+  depth = jax.tree.leaves(nnx.state(blocks))[0].shape[0]
+  if not 1 <= capture <= depth:
+    raise ValueError(f"capture block {capture} is outside 1..{depth}")
+  out, kept, _ = scanned((x, jax.tree.map(jnp.zeros_like, x), jnp.zeros((), jnp.int32)), blocks, *args)
+  return out, kept

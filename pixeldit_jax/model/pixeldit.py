@@ -8,6 +8,8 @@ passes through the max_period-10 sinusoid (ImageNet: t in [0, 1], 1 = data).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -44,7 +46,10 @@ class PixelDiT(nnx.Module):
       raise ValueError(f"PixelDiT expects images (B, H, W, {c}) with H and W divisible by the "
                        f"patch size {p}; got shape {tuple(x.shape)}")
 
-  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *,
+               capture_block: Optional[int] = None):
+    """Velocity (B, H, W, C) in fp32; with `capture_block=k` also the patch tokens after patch
+    block k (1-based, REPA's student features): (velocity, (B, L, D))."""
     cfg = self.cfg
     self.check_input(x)
     _, h, w, _ = x.shape
@@ -56,7 +61,10 @@ class PixelDiT(nnx.Module):
     rope = tuple(jnp.asarray(a) for a in layers.rope_2d_table(
         cfg.head_dim, h // p, w // p, theta=cfg.rope_theta, scale=cfg.rope_scale))
     s = layers.scan_blocks(self.patch_blocks, self.patch_embed(x), cond, rope,
-                           remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers)
+                           remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers,
+                           capture=capture_block)
+    if capture_block is not None:
+      s, features = s
 
     if cfg.pixel_depth == 0:
       out = self.out_head(s, cond)
@@ -67,19 +75,31 @@ class PixelDiT(nnx.Module):
       pixels = layers.scan_blocks(self.pixel_blocks, self.pixel_embed(x), s_cond, pit_rope,
                                   remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers)
       out = self.out_head(pixels)
-    return ungroup_pixels(out, h, w).astype(jnp.float32)
+    out = ungroup_pixels(out, h, w).astype(jnp.float32)
+    return out if capture_block is None else (out, features)
 
 
-def build(cfg: PixelDiTConfig, seed: int = 0) -> PixelDiT:
-  """Materialise a model on the default device (tests, demos); training inits sharded instead.
+def model_class(cfg: PixelDiTConfig) -> type:
+  """PixelDiT (class-conditional) or PixelDiTT2I (cfg.text_dim set)."""
+  if getattr(cfg, "text_dim", None) is None:
+    return PixelDiT
+  from pixeldit_jax.model.pixeldit_t2i import PixelDiTT2I  # noqa: PLC0415 - it imports this module
+  return PixelDiTT2I
+
+
+def build(cfg: PixelDiTConfig, seed: int = 0) -> nnx.Module:
+  """Materialise a model (PixelDiT or PixelDiTT2I, by cfg) on the default device (tests, demos);
+  training inits sharded instead.
 
   Initialisation runs as one compiled program: eagerly it would be hundreds of tiny dispatches.
   """
+  cls = model_class(cfg)
   graphdef, _ = nnx.split(abstract(cfg))
-  state = jax.jit(lambda: nnx.state(PixelDiT(cfg, rngs=nnx.Rngs(params=seed))))()
+  state = jax.jit(lambda: nnx.state(cls(cfg, rngs=nnx.Rngs(params=seed))))()
   return nnx.merge(graphdef, state)
 
 
-def abstract(cfg: PixelDiTConfig) -> PixelDiT:
+def abstract(cfg: PixelDiTConfig) -> nnx.Module:
   """The model with ShapeDtypeStruct leaves: shapes and logical names, nothing allocated."""
-  return nnx.eval_shape(lambda: PixelDiT(cfg, rngs=nnx.Rngs(params=0)))
+  cls = model_class(cfg)
+  return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(params=0)))

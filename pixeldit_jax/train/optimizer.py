@@ -1,7 +1,8 @@
-"""AdamW with warmup, the paper's LR/clip step-down, and global-norm clipping (spec §4.3).
+"""Optimizers with warmup, the paper's LR/clip step-down, and global-norm clipping (spec §4.3, §7.2).
 
-The released recipe: AdamW(0.9, 0.999, eps 1e-8, wd 0), LR 1e-4, clip 1.0; after 160 epochs the
-LR steps down to 1e-5 and the clip to 0.5 (``step_down_step``; None keeps the first phase).
+ImageNet (``optimizer='adamw'``): AdamW(0.9, 0.999, eps 1e-8, wd 0), LR 1e-4, clip 1.0; after 160
+epochs the LR steps down to 1e-5 and the clip to 0.5 (``step_down_step``; None keeps the first
+phase). T2I (``optimizer='came'``): CAME (``came.py``) with betas (b1, b2, b3), eps ``came_eps``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 import optax
+
+from pixeldit_jax.train import came as came_lib
 
 
 def _step_down(before: float, after: float, at) -> Callable:
@@ -30,11 +33,38 @@ def clip_norm(tcfg) -> Callable:
   return _step_down(tcfg.grad_clip, tcfg.grad_clip_after_step_down, tcfg.step_down_step)
 
 
-def make(tcfg) -> optax.GradientTransformation:
-  if tcfg.optimizer != "adamw":
-    raise ValueError(f"Unknown optimizer {tcfg.optimizer!r} (available: 'adamw')")
-  return optax.chain(
-      optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=clip_norm(tcfg)),
-      optax.adamw(learning_rate(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
-                  weight_decay=tcfg.weight_decay),
-  )
+def make(tcfg, stacked_axes=None, factored=None) -> optax.GradientTransformation:
+  """The configured optimizer behind global-norm clipping.
+
+  CAME needs `stacked_axes` (see ``came.came``), e.g. ``came.layer_axes(model)`` shaped like the
+  optimised tree, so that each slice of a scanned block's 'layers' axis is its own torch tensor;
+  `factored` optionally overrides which params are factored.
+  """
+  name = tcfg.get("optimizer", "adamw")
+  clip = optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=clip_norm(tcfg))
+  if name == "adamw":
+    return optax.chain(clip, optax.adamw(learning_rate(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
+                                         weight_decay=tcfg.weight_decay))
+  if name == "came":
+    if stacked_axes is None:
+      raise ValueError("optimizer 'came' needs make(tcfg, stacked_axes=...), "
+                       "e.g. came.layer_axes(model)")
+    return optax.chain(clip, came_lib.came(
+        learning_rate(tcfg), b1=tcfg.b1, b2=tcfg.b2, b3=tcfg.get("b3", 0.9999),
+        eps=tuple(tcfg.get("came_eps", (1e-30, 1e-16))), weight_decay=tcfg.weight_decay,
+        stacked_axes=stacked_axes, factored=factored))
+  raise ValueError(f"Unknown optimizer {name!r} (available: 'adamw', 'came')")
+
+
+def _torch_unfactored(path, param):
+  # The learned text position table is (1, L, D) in torch, which the official CAME leaves
+  # unfactored (only 2-D tensors are); ours is (L, D).
+  return False if path and str(path[-1]) == "text_pos" else None
+
+
+def for_training(tcfg, model, projector=None) -> optax.GradientTransformation:
+  """The optimizer of the trainer's (params, projector) pair, from the abstract modules."""
+  if tcfg.get("optimizer", "adamw") != "came":
+    return make(tcfg)
+  return make(tcfg, stacked_axes=(came_lib.layer_axes(model), came_lib.layer_axes(projector)),
+              factored=_torch_unfactored)

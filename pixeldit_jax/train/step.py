@@ -1,6 +1,19 @@
-"""The jitted training step."""
+"""The jitted training step, for both models and both conventions, with optional REPA.
+
+    train_step(state, batch, frozen) -> (state, metrics)
+
+`batch` holds the data (image uint8 NHWC and the skipped/converted counters) and the condition:
+  label      int32 (B,)               class-conditional model
+  text_emb   float (B, L, C)          text-to-image model, embeddings from a cache, or
+  text_ids   int32 (B, T) + text_mask the caption tokens; the frozen encoder runs inside the step
+  repa_target float (B, N, 768)       optional precomputed teacher features
+`frozen` holds what is not trained: {"teacher": DINOv2 params, "text": encoder params,
+"null_text": (1, L, C) null embedding}, each present only when used.
+"""
 
 from __future__ import annotations
+
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +22,7 @@ from flax import nnx
 
 from pixeldit_jax.diffusion import flow
 from pixeldit_jax.train import optimizer as optimizer_lib
+from pixeldit_jax.train import repa as repa_lib
 from pixeldit_jax.train.state import TrainState
 
 
@@ -25,38 +39,104 @@ def ema_decay(tcfg, step: jax.Array) -> jax.Array:
   return decay
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tcfg, null_class: int):
-  """(state, batch) -> (state, metrics). A non-finite loss or gradient leaves the state as it was
-  (the update is skipped) and records the step; the loop stops or continues per config."""
+class Teacher:
+  """How the step gets REPA targets: a frozen teacher run on the batch, or precomputed ones."""
+
+  def __init__(self, features_fn: Optional[Callable] = None, input_size=None, grid=None):
+    self.features_fn = features_fn  # (params, images in [0, 1] NHWC, size) -> (B, N, C)
+    self.input_size = input_size  # teacher input (H, W)
+    self.grid = grid  # teacher token grid (h, w)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config, *,
+                    projector_graphdef: Optional[nnx.GraphDef] = None,
+                    teacher: Optional[Teacher] = None,
+                    encode_text: Optional[Callable] = None):
+  """(state, batch, frozen) -> (state, metrics). A non-finite loss or gradient leaves the state as
+  it was (the update is skipped) and records the step; the loop stops or continues per config.
+
+  `encode_text(params, ids, mask) -> (emb, mask)` is the frozen text encoder for batches that carry
+  tokens. REPA is on when config.repa.weight > 0 (then `projector_graphdef` and `teacher` are set).
+  """
+  tcfg = config.train
+  model_cfg = config.model
+  text_to_image = model_cfg.get("text_dim") is not None
+  p = model_cfg.patch_size
+  rcfg = config.get("repa")
+  use_repa = bool(rcfg is not None and rcfg.weight > 0)
   lr_fn = optimizer_lib.learning_rate(tcfg)
 
-  def train_step(state: TrainState, batch: dict):
+  def condition(batch: dict, frozen: dict):
+    if not text_to_image:
+      return batch["label"]
+    if "text_emb" in batch:
+      return batch["text_emb"].astype(jnp.float32)
+    emb, _ = encode_text(frozen["text"], batch["text_ids"], batch["text_mask"])
+    return jax.lax.stop_gradient(emb)
+
+  def repa_target(batch: dict, frozen: dict):
+    if "repa_target" in batch:
+      return batch["repa_target"]
+    images01 = batch["image"].astype(jnp.float32) / 255.0
+    return jax.lax.stop_gradient(teacher.features_fn(frozen["teacher"], images01, teacher.input_size))
+
+  def train_step(state: TrainState, batch: dict, frozen: dict):
     key = jax.random.fold_in(state.rng, state.step)
     x = images_to_model(batch["image"])
+    cond = condition(batch, frozen)
+    grid = (x.shape[1] // p, x.shape[2] // p)
+    target = repa_target(batch, frozen) if use_repa else None
 
-    def loss_fn(params):
-      apply = lambda xt, t, y: nnx.merge(graphdef, params)(xt, t, y)
-      return flow.loss(apply, x, batch["label"], key, null_class=null_class, shift=tcfg.time_shift,
-                       label_dropout=tcfg.label_dropout)
+    def loss_fn(trainable):
+      params, projector = trainable
+      model = nnx.merge(graphdef, params)
+      aux = {}
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      def apply(xt, t, c):
+        if not use_repa:
+          return model(xt, t, c)
+        out, feats = model(xt, t, c, capture_block=rcfg.block)
+        aux["features"] = feats
+        return out
+
+      if text_to_image:
+        flow_loss = flow.sigma_loss(apply, x, cond, key, null_text=frozen["null_text"],
+                                    shift=tcfg.time_shift, text_dropout=tcfg.label_dropout)
+      else:
+        flow_loss = flow.loss(apply, x, cond, key, null_class=model_cfg.num_classes,
+                              shift=tcfg.time_shift, label_dropout=tcfg.label_dropout)
+      if not use_repa:
+        return flow_loss, (flow_loss, jnp.zeros((), jnp.float32))
+      student = nnx.merge(projector_graphdef, projector)(aux["features"])
+      repa_loss = repa_lib.loss(student, grid, target, teacher.grid, rcfg.loss_form)
+      return flow_loss + rcfg.weight * repa_loss, (flow_loss, repa_loss)
+
+    trainable = (state.params, state.projector)
+    (loss, (flow_loss, repa_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params, projector = optax.apply_updates(trainable, updates)
     decay = ema_decay(tcfg, state.step)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32),
+    ema = jax.tree.map(lambda e, q: decay * e + (1.0 - decay) * q.astype(jnp.float32),
                        state.ema_params, params)
     # One branch chosen for the whole tree: no elementwise select over every weight and moment.
-    params, ema, opt_state = jax.lax.cond(finite, lambda: (params, ema, opt_state),
-                                          lambda: (state.params, state.ema_params, state.opt_state))
+    params, projector, ema, opt_state = jax.lax.cond(
+        finite, lambda: (params, projector, ema, opt_state),
+        lambda: (state.params, state.projector, state.ema_params, state.opt_state))
     new_state = state.replace(
-        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+        step=state.step + 1, params=params, projector=projector, ema_params=ema, opt_state=opt_state,
         nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step),
         skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
-    metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
+    metrics = dict(loss=loss, flow_loss=flow_loss, repa_loss=repa_loss, grad_norm=grad_norm,
+                   param_norm=optax.global_norm(new_state.params),
                    learning_rate=lr_fn(state.step), finite=finite,
                    data_skipped=jnp.sum(batch["skipped"]), data_converted=jnp.sum(batch["converted"]))
     return new_state, metrics
 
   return train_step
+
+
+def frozen_placeholder() -> dict[str, Any]:
+  """The `frozen` argument of a step that uses no teacher and no in-step text encoder."""
+  return {}

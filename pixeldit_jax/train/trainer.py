@@ -30,6 +30,8 @@ from pixeldit_jax.model import abstract as abstract_model
 from pixeldit_jax.model.cost import forward_flops
 from pixeldit_jax.train import metrics as metrics_lib
 from pixeldit_jax.train import optimizer as optimizer_lib
+from pixeldit_jax.train import conditioning as conditioning_lib
+from pixeldit_jax.train import repa as repa_lib
 from pixeldit_jax.train import state as state_lib
 from pixeldit_jax.train import step as step_lib
 
@@ -65,19 +67,26 @@ def _grid_path(workdir: str, step: int) -> str:
   return os.path.join(workdir, "samples", f"step_{step:08d}.png")
 
 
-def _sample_grid(sample_fn, params, config, mesh, rules, step: int, workdir: str, writer):
-  """Class-conditional samples with the EMA weights: one row per class, written as PNG."""
-  tcfg, model_cfg = config.train, config_lib.model_config(config)
-  rows = min(model_cfg.num_classes, tcfg.sample_rows)
+def _sample_grid(sample_fn, params, config, mesh, rules, step: int, workdir: str, writer, cond):
+  """Samples with the EMA weights written as a PNG grid: one row per class (class-conditional)
+  or per prompt of config.train.sample_prompts (text-to-image)."""
+  tcfg = config.train
   per_row = tcfg.sample_per_row
   h, w = config.image_size
-  n = rows * per_row
   batch_devices = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+  if cond.text:
+    prompts = conditioning_lib.sample_prompts(config)[:tcfg.sample_rows]
+    rows = len(prompts)
+    conds = np.repeat(cond.embed(prompts), per_row, axis=0)
+  else:
+    rows = min(cond.num_classes, tcfg.sample_rows)
+    conds = np.repeat(np.arange(rows), per_row).astype(np.int32)
+  n = rows * per_row
   padded = -(-n // batch_devices) * batch_devices
-  labels = np.repeat(np.arange(rows), per_row).astype(np.int32)
-  labels = np.concatenate([labels, np.zeros(padded - n, np.int32)])
+  conds = np.concatenate([conds, np.repeat(conds[:1], padded - n, axis=0)])
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, rules, a.ndim))
-  out = sample_fn(params, put(np.arange(padded, dtype=np.int32)), put(labels))
+  args = (put(conds), put(np.repeat(cond.null_emb, padded, axis=0))) if cond.text else (put(conds),)
+  out = sample_fn(params, put(np.arange(padded, dtype=np.int32)), *args)
   out = np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
   grid = images.grid(out, rows)
   if jax.process_index() == 0:
@@ -87,6 +96,58 @@ def _sample_grid(sample_fn, params, config, mesh, rules, step: int, workdir: str
     writer.write_image(step, "samples/ema", grid if grid.shape[-1] == 3 else np.repeat(grid, 3, -1))
     return path
   return None
+
+
+def _setup_repa(config, model_cfg, mesh):
+  """REPA's projector and frozen teacher; stops at once when the teacher weights are missing."""
+  rcfg = config.get("repa")
+  if rcfg is None or rcfg.weight <= 0:
+    return None, None, None, {}
+  make_projector = lambda: repa_lib.make_projector(model_cfg, rcfg, config.seed)
+  abstract_projector = nnx.eval_shape(make_projector)
+  h, w = config.image_size
+  p = model_cfg.patch_size
+  size = tuple(rcfg.teacher_size) if rcfg.get("teacher_size") else (14 * h // p, 14 * w // p)
+  grid = (size[0] // 14, size[1] // 14)
+  if rcfg.get("features_path"):
+    # Precomputed teacher features, looked up per example on the host (see repa_features).
+    return abstract_projector, make_projector, step_lib.Teacher(None, size, grid), {}
+  from pixeldit_jax.teacher import dinov2  # noqa: PLC0415
+  if not rcfg.get("teacher_path"):
+    raise FileNotFoundError(
+        f"REPA is on (config.repa.weight={rcfg.weight}) but config.repa.teacher_path is not set. "
+        "Provide the DINOv2 ViT-B/14 weights (the Hugging Face facebook/dinov2-base "
+        "model.safetensors, or torch hub dinov2_vitb14_pretrain.pth) with "
+        "--config.repa.teacher_path=PATH, or train without REPA with --config.repa.weight=0.")
+  # "hub" position-embedding interpolation reproduces the official (torch.hub) targets also from
+  # the Hugging Face weights.
+  teacher_graphdef, teacher_params = dinov2.load_teacher(
+      rcfg.teacher_path, dtype=rcfg.teacher_dtype, pos_interpolation="hub")
+  teacher_params = jax.device_put(teacher_params, sharding.replicated(mesh))
+  features = lambda params, images01, input_size: dinov2.teacher_features(
+      teacher_graphdef, params, images01, input_size)
+  teacher = step_lib.Teacher(features, size, grid)
+  return abstract_projector, make_projector, teacher, {"teacher": teacher_params}
+
+
+def _load_initial_weights(state, directory: str, state_shardings):
+  """Start from another run's or an imported checkpoint's weights with a fresh optimizer (the
+  official --load_from between T2I stages): the online weights (or EMA where there are none), and
+  the REPA projector when both sides have one."""
+  items = ckpt_lib.items(directory)
+  item = ckpt_lib.PARAMS if ckpt_lib.PARAMS in items else ckpt_lib.EMA_PARAMS
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        state.params, state_shardings.params)
+  params = ckpt_lib.load_params(directory, target, item)
+  ema = jax.tree.map(lambda a: a.astype(jax.numpy.float32), params)
+  projector = state.projector
+  if state.projector and ckpt_lib.REPA_PROJECTOR in items:
+    ptarget = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                           state.projector, state_shardings.projector)
+    projector = ckpt_lib.load_params(directory, ptarget, ckpt_lib.REPA_PROJECTOR)
+  logging.info("Initial weights from %s (%s%s)", directory, item,
+               ", REPA projector" if projector is not state.projector else "")
+  return state.replace(params=params, ema_params=ema, projector=projector)
 
 
 def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
@@ -106,38 +167,59 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
                      "devices of the mesh's data and fsdp axes")
   model = abstract_model(model_cfg)
   graphdef = nnx.graphdef(model)
-  tx = optimizer_lib.make(tcfg)
-  state_shardings = state_lib.shardings(model, tx, mesh, rules)
-  null_class = model_cfg.num_classes
+  # Everything that can be missing (teacher weights, text encoder, data) fails here, before any
+  # compilation, with a message naming what to provide.
+  abstract_projector, make_projector, teacher, frozen = _setup_repa(config, model_cfg, mesh)
+  tx = optimizer_lib.for_training(tcfg, model, abstract_projector)
+  cond = conditioning_lib.make(config)
+  frozen.update(cond.frozen())
+  feature_table = None
+  if teacher is not None and teacher.features_fn is None:
+    from pixeldit_jax.train.repa_features import FeatureTable  # noqa: PLC0415
+    feature_table = FeatureTable(config.repa.features_path, teacher.grid[0] * teacher.grid[1],
+                                 config.repa.teacher_dim)
+  state_shardings = state_lib.shardings(model, tx, mesh, rules, abstract_projector)
 
-  pipeline = data.build(config)
+  pipeline = data.build_text_image(config) if cond.text else data.build(config)
   data_iter = iter(pipeline)
   checkpointer = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                                             every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints)
-  meta = {"model": model_cfg.to_dict(), "config": json.loads(config.to_json_best_effort())}
+  meta = {"model": model_cfg.to_dict(), "config": json.loads(config.to_json_best_effort()),
+          "time_convention": "t2i_sigma" if cond.text else "c2i_t"}
 
   with jax.set_mesh(mesh):
-    target = state_lib.abstract_state(model_cfg, tx, config.seed, state_shardings)
+    target = state_lib.abstract_state(model_cfg, tx, config.seed, state_shardings, make_projector)
     state = checkpointer.restore_latest(target, data_iter)
     if state is None:
-      state = jax.jit(lambda: state_lib.init(model_cfg, tx, config.seed), out_shardings=state_shardings)()
+      state = jax.jit(lambda: state_lib.init(model_cfg, tx, config.seed, make_projector),
+                      out_shardings=state_shardings)()
+      if tcfg.get("init_from"):
+        state = _load_initial_weights(state, tcfg.init_from, state_shardings)
       logging.info("Starting from scratch in %s", workdir)
     else:
       logging.info("Resumed from step %d in %s", int(state.step), workdir)
 
-    batch_shardings = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in
-                       (("image", 4), ("label", 1), ("skipped", 1), ("converted", 1))}
-    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, tcfg, null_class),
-                         in_shardings=(state_shardings, batch_shardings),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)),
-                         donate_argnums=(0,))
-    # The sampling binary's batch function (per-index noise made on device), Euler for grids.
+    frozen = jax.device_put(frozen, sharding.replicated(mesh))
+    batch_sharding = lambda a: sharding.batch_sharding(mesh, rules, np.ndim(a))
+    train_step = jax.jit(
+        step_lib.make_train_step(graphdef, tx, config, teacher=teacher,
+                                 projector_graphdef=nnx.graphdef(abstract_projector) if teacher else None,
+                                 encode_text=cond.encode_tokens() if cond.text else None),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    # The sampling binary's batch function (per-index noise made on device), Euler / DPM-Solver++
+    # for grids.
     grid_settings = ml_collections.ConfigDict(dict(
-        sampler="euler", num_steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg_scale,
-        cfg_interval=tuple(tcfg.sample_cfg_interval), time_shift=tcfg.time_shift, seed=tcfg.sample_seed))
-    sample_fn = jax.jit(sample_lib.make_sample_batch(
-        graphdef, grid_settings, (*config.image_size, model_cfg.in_channels), null_class),
-        in_shardings=(state_shardings.ema_params, None, None))
+        sampler="dpm_solver_pp_2m" if cond.text else "euler", num_steps=tcfg.sample_steps,
+        cfg_scale=tcfg.sample_cfg_scale, cfg_interval=tuple(tcfg.sample_cfg_interval),
+        time_shift=tcfg.time_shift, seed=tcfg.sample_seed))
+    image_shape = (*config.image_size, model_cfg.in_channels)
+    if cond.text:
+      sample_fn = jax.jit(sample_lib.make_text_sample_batch(graphdef, grid_settings, image_shape),
+                          in_shardings=(state_shardings.ema_params, None, None, None))
+    else:
+      sample_fn = jax.jit(sample_lib.make_sample_batch(graphdef, grid_settings, image_shape,
+                                                       model_cfg.num_classes),
+                          in_shardings=(state_shardings.ema_params, None, None))
     h, w = config.image_size
     step_flops = 3 * config.batch_size * forward_flops(model_cfg, h, w)["total"]
     peak = metrics_lib.device_peak_tflops(tcfg.peak_tflops)
@@ -152,8 +234,11 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
     with _StopFlag() as flag:
       for step in range(start_step, end_step):
         local = next(data_iter)
-        batch = sharding.global_batch({k: np.asarray(local[k]) for k in batch_shardings}, mesh, rules)
-        state, m = train_step(state, batch)
+        host = cond.prepare(local)
+        if feature_table is not None:
+          host["repa_target"] = feature_table(local["index"])
+        batch = sharding.global_batch(host, mesh, rules)
+        state, m = train_step(state, batch, frozen)
         pending.append((step, m))
         steps_since_log += 1
         done = step + 1
@@ -167,7 +252,9 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
           last = fetched[-1][1]
           nonfinite_step = int(jax.device_get(state.nonfinite_step))
           scalars = {k: float(np.mean([mm[k] for _, mm in fetched])) for k in
-                     ("loss", "grad_norm", "param_norm", "learning_rate")}
+                     ("loss", "flow_loss", "grad_norm", "param_norm", "learning_rate")}
+          if teacher is not None:
+            scalars["repa_loss"] = float(np.mean([mm["repa_loss"] for _, mm in fetched]))
           scalars.update(
               data_skipped=float(sum(mm["data_skipped"] for _, mm in fetched)),
               data_converted=float(sum(mm["data_converted"] for _, mm in fetched)),
@@ -187,7 +274,7 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
                 f"norm {last['grad_norm']}); the update was not applied and the run stopped. Set "
                 "config.train.nonfinite_policy='skip' to skip such updates and continue.")
         if tcfg.sample_every and done % tcfg.sample_every == 0 and done != tcfg.num_steps:
-          last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, done, workdir, writer)
+          last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, done, workdir, writer, cond)
         checkpointer.save(state, data_iter, {**meta, "step": done}, done, force=done == tcfg.num_steps)
         if flag.stop or checkpointer.reached_preemption(done):
           stopped_by = "SIGTERM" if flag.stop else "preemption"
@@ -197,7 +284,7 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
     final_step = int(jax.device_get(state.step))
     # A finished run always ends with a grid (also when rerun and the grid is missing).
     if final_step == tcfg.num_steps and tcfg.sample_rows and not os.path.exists(_grid_path(workdir, final_step)):
-      last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, final_step, workdir, writer)
+      last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, final_step, workdir, writer, cond)
     checkpointer.wait()
     checkpointer.close()
     writer.close()
