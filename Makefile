@@ -2,6 +2,8 @@
 #   make test   create .venv from requirements*.txt, then run the test suite
 #   make demo   same environment, then the embedded default job (configs/fashion_mnist.py): train,
 #               sample with the separate binary, and score the samples with the offline metric
+#   make demo-t2i  the text-to-image demo (configs/t2i_fmnist.py): captioned Fashion-MNIST, MiniLM
+#               embeddings cached once, train, sample held-out captions, score caption faithfulness
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-*+cpu-cp311-*.whl))
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo demo-t2i fmnist-data bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,13 +36,25 @@ test: venv
 # Fashion-MNIST comes from a Debian package; without root/apt the loader falls back to MNIST-5k.
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-demo: venv
+fmnist-data:
 	@if [ ! -d $(FMNIST_DIR) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist) \
 	    || echo "Could not install dataset-fashion-mnist; the demo will use MNIST-5k instead"; fi
+
+demo: venv fmnist-data
 	$(PY) -m pixeldit_jax.main --config=configs/fashion_mnist.py --workdir=workdir/demo
 	$(PY) -m pixeldit_jax.sample --config=configs/fashion_mnist.py --workdir=workdir/demo --out=workdir/demo/samples
 	$(PY) -m pixeldit_jax.evaluation.fmnist eval --samples workdir/demo/samples/samples.npz
+
+T2I_DIR := workdir/demo_t2i
+demo-t2i: venv fmnist-data
+	$(PY) -m pixeldit_jax.data.captioned_fmnist --out=$(T2I_DIR)
+	@[ -f $(T2I_DIR)/text_cache/meta.json ] || $(PY) -m pixeldit_jax.text.cache --encoder=minilm \
+	  --max_length=16 --captions=$(T2I_DIR)/captions.txt --out=$(T2I_DIR)/text_cache
+	$(PY) -m pixeldit_jax.main --config=configs/t2i_fmnist.py --workdir=$(T2I_DIR)
+	$(PY) -m pixeldit_jax.sample --config=configs/t2i_fmnist.py --workdir=$(T2I_DIR) \
+	  --prompts=$(T2I_DIR)/heldout.txt --out=$(T2I_DIR)/samples
+	$(PY) -m pixeldit_jax.evaluation.t2i_fmnist --samples $(T2I_DIR)/samples/samples.npz
 
 bench: venv
 	$(PY) bench/model_cost.py

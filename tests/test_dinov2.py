@@ -168,7 +168,11 @@ def test_bad_keys_are_named(tmp_path):
     assert needle in msg
   save_file(random_hub_state_dict(cfg), str(tmp_path / "ok.safetensors"))
   with pytest.raises(TeacherWeightsMismatch, match="depth 12"):  # a tiny file is not ViT-B
-    load_teacher(tmp_path / "ok.safetensors")
+    load_teacher(tmp_path / "ok.safetensors", Dinov2Config.vitb14())
+  # Without a config, hub-named weights describe their own size.
+  _, params = load_teacher(tmp_path / "ok.safetensors")
+  assert params["cls_token"].value.shape == (cfg.hidden_size,)
+  assert params["blocks"]["attn"]["qkv"]["kernel"].value.shape[0] == cfg.depth
 
 
 def test_pth_without_torch_says_so(tmp_path, monkeypatch):

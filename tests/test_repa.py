@@ -191,3 +191,32 @@ print(json.dumps({{"losses": out, "repa": repa_losses, "items": items, "change":
   assert "repa_projector" in got["items"] and got["change"] > 0
   assert got["start"] == 2
   assert got["moved"]["2"] == pytest.approx(got["straight"]["2"], abs=1e-5)
+
+
+def test_precomputed_teacher_features_give_the_same_step_as_the_teacher(tmp_path):
+  """repa_features writes the teacher's features in source order; training from them gives the
+  same losses as running the teacher in the step (no augmentation)."""
+  import sys
+  sys.path.insert(0, "tests")
+  from test_train import small_config
+  from pixeldit_jax.train import repa_features, trainer
+  teacher = write_tiny_teacher(tmp_path / "teacher.safetensors")
+
+  def cfg():
+    c = small_config(num_steps=2, checkpoint_every=100)
+    c.data.num_records = 64
+    c.repa.update(dict(weight=0.5, block=1, teacher_dim=64, teacher_path=teacher, teacher_dtype="float32"))
+    return c
+
+  path = repa_features.precompute(cfg(), str(tmp_path / "features.npy"), batch_size=16)
+  table = np.load(path)
+  assert table.dtype == np.float16 and table.shape == (64, 4, 64)  # 8x8 images, patch 4: 2x2 grid
+  live = trainer.train(cfg(), str(tmp_path / "live"))["losses"]
+  c = cfg()
+  c.repa.features_path = path
+  pre = trainer.train(c, str(tmp_path / "pre"))["losses"]
+  for s in (0, 1):
+    assert pre[s] == pytest.approx(live[s], abs=2e-3)  # float16 storage of the targets
+  c.repa.features_path = str(tmp_path / "missing.npy")
+  with pytest.raises(FileNotFoundError, match="repa_features"):
+    trainer.train(c, str(tmp_path / "x"))

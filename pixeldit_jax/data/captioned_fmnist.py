@@ -162,3 +162,27 @@ class CaptionedFashionMNIST:
     image = render(self._arrays()[0][g], colour, bg, pos, self.size)
     return {"image": image, "caption": caption(cls, colour, bg, pos, self.class_names),
             "converted": False}
+
+
+def write_caption_files(out_dir: str, heldout: int = DEFAULT_HELDOUT, path: Optional[str] = None) -> dict:
+  """captions.txt (every caption, for the embedding cache) and heldout.txt (the first `heldout`
+  held-out captions, for evaluation), with the class names of the data actually present."""
+  import os  # noqa: PLC0415
+  kind, _ = fashion_mnist.resolve("fashion_mnist", "train", path)
+  names = CLASS_NAMES if kind == "fashion_mnist" else DIGIT_NAMES
+  os.makedirs(out_dir, exist_ok=True)
+  files = {"captions": os.path.join(out_dir, "captions.txt"), "heldout": os.path.join(out_dir, "heldout.txt")}
+  for key, lines in (("captions", all_captions(names)), ("heldout", heldout_captions(heldout, names))):
+    with open(files[key], "w", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+  return files
+
+
+if __name__ == "__main__":
+  import argparse  # noqa: PLC0415
+  ap = argparse.ArgumentParser(description="Write the captioned Fashion-MNIST caption lists.")
+  ap.add_argument("--out", required=True, help="directory for captions.txt and heldout.txt")
+  ap.add_argument("--heldout", type=int, default=DEFAULT_HELDOUT)
+  ap.add_argument("--path", default=None, help="Fashion-MNIST directory (default: the Debian package)")
+  a = ap.parse_args()
+  print(write_caption_files(a.out, a.heldout, a.path))

