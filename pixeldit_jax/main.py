@@ -47,7 +47,10 @@ def check_model(config, workdir: str) -> dict:
   k1, k2, k3 = jax.random.split(jax.random.key(config.seed), 3)
   x = jax.random.normal(k1, (batch, h, w, cfg.in_channels))
   t = jax.random.uniform(k2, (batch,))
-  y = jax.random.randint(k3, (batch,), 0, cfg.num_classes + 1)
+  if cfg.text_dim is None:
+    y = jax.random.randint(k3, (batch,), 0, cfg.num_classes + 1)
+  else:  # text-to-image: random caption embeddings stand in for the encoder's output
+    y = jax.random.normal(k3, (batch, cfg.text_length, cfg.text_dim))
   start = time.perf_counter()
   loss, grads = jax.block_until_ready(loss_and_grad(params, x, t, y))
   compile_s = time.perf_counter() - start

@@ -168,6 +168,8 @@ def run(config, checkpoint_dir: str, out_dir: str, step=None) -> dict:
   model_cfg = ckpt_lib.model_config(checkpoint_dir, step, dtype=config.model.dtype,
                                     attention_impl=config.model.attention_impl,
                                     scan_layers=config.model.scan_layers, remat_policy="none")
+  if model_cfg.text_dim is not None:
+    raise ValueError(f"{checkpoint_dir} holds a text-to-image model: give --prompts=FILE")
   h, w = config.image_size
   total = s.num_per_class * model_cfg.num_classes
   mesh = sharding.make_mesh(config.sharding.mesh_shape)

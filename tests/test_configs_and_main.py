@@ -9,7 +9,8 @@ from pixeldit_jax import config_lib, sharding
 from pixeldit_jax.main import check_model
 
 CONFIGS = ["configs/fashion_mnist.py", "configs/imagenet256_xl.py", "configs/imagenet512_xl.py",
-           "configs/tiny.py", "configs/tiny.py:size=small"]
+           "configs/tiny.py", "configs/tiny.py:size=small", "configs/t2i_1024.py", "configs/t2i_1024.py:stage1",
+           "configs/t2i_1024.py:stage2", "configs/t2i_1024.py:smoke", "configs/t2i_fmnist.py"]
 
 
 @pytest.mark.parametrize("spec", CONFIGS)
@@ -49,6 +50,8 @@ def test_model_check_runs_forward_and_backward_and_writes_a_report(tmp_path):
   assert report["loss"] > 0 and report["grad_norm"] > 0
   saved = json.loads((tmp_path / "model_check.json").read_text())
   assert saved["params"] == report["params"] > 1e6
+  t2i = check_model(config_lib.load("configs/t2i_1024.py:smoke"), str(tmp_path / "t2i"))  # text embeddings
+  assert t2i["loss"] > 0 and t2i["grad_norm"] > 0
 
 
 def test_distributed_initialisation_from_environment(monkeypatch):

@@ -89,6 +89,17 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
+def resolve_process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+  """(index, count) of this process, from JAX where not given."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  (workers never need it)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  return process_index, process_count
+
+
 def build(config: ml_collections.ConfigDict, process_index: Optional[int] = None,
           process_count: Optional[int] = None) -> grain.IterDataset:
   """The training input pipeline of this process; ``iter()`` of it is a checkpointable iterator.
@@ -97,12 +108,7 @@ def build(config: ml_collections.ConfigDict, process_index: Optional[int] = None
   int32 (B_local,), index int64 (B_local,) (source indices), with
   B_local = config.batch_size // process_count.
   """
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top  (workers never need it)
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  process_index, process_count = resolve_process(process_index, process_count)
   data = data_config(config)
   batch_size = local_batch_size(int(config.batch_size), process_count)
   source = sources.make_source(config, data)

@@ -70,15 +70,13 @@ from PIL import Image
 from pixeldit_jax.data import buckets as buckets_lib
 from pixeldit_jax.data import captioned_fmnist, transforms
 from pixeldit_jax.data.base import DataNotFoundError, UnreadableDataError
-from pixeldit_jax.data.config import default_data_config
-from pixeldit_jax.data.pipeline import MAX_TRIES, _ensure_flags_parsed, _plain_arrays, local_batch_size
+from pixeldit_jax.data.config import data_config, default_data_config
+from pixeldit_jax.data.pipeline import (MAX_TRIES, _ensure_flags_parsed, _plain_arrays, local_batch_size,
+                                        resolve_process)
 
 log = logging.getLogger(__name__)
 
 from pixeldit_jax.data.config import T2I_SOURCES  # noqa: E402  (one list for both pipelines)
-# Fields this module adds to config.data, with their defaults.
-T2I_FIELDS = {"buckets": None, "heldout_captions": captioned_fmnist.DEFAULT_HELDOUT,
-              "num_records": None}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS = ("caption", "prompt", "text")
 INDEX_SUFFIX = ".pixeldit-index.json"
@@ -90,36 +88,16 @@ _INDEX_LOCK = threading.Lock()
 
 
 def default_text_image_config(**overrides: Any) -> ml_collections.ConfigDict:
-  """``default_data_config`` plus the text-to-image fields; `overrides` must name known fields."""
-  c = default_data_config()
-  c.source = "captioned_fmnist"
-  for key, value in T2I_FIELDS.items():
-    if key not in c:
-      c[key] = config_dict.placeholder(str if key == "buckets" else int) if value is None else value
-  for key, value in overrides.items():
-    if key not in c:
-      raise ValueError(f"Unknown data config field {key!r}; known: {sorted(c.keys())}")
-    c[key] = value
-  return c
+  """The data section for text-to-image runs: ``default_data_config`` with a T2I source."""
+  return default_data_config(**{"source": "captioned_fmnist", **overrides})
 
 
 def _data_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config.data over the text-to-image defaults (missing fields take their defaults), validated."""
-  if "data" not in config or config.data is None:
-    raise ValueError("The experiment config has no `data` section; add `c.data = "
-                     "pixeldit_jax.data.text_image.default_text_image_config(source=...)`")
-  d = default_text_image_config()
-  for key, value in config.data.items():
-    d[key] = value  # fields unknown here are the trainer's business
+  """config.data over the defaults, validated, with a text-to-image source."""
+  d = data_config(config)
   if d.source not in T2I_SOURCES:
     raise ValueError(f"config.data.source must be one of {T2I_SOURCES} for text-to-image, got "
                      f"{d.source!r}")
-  if not d.drop_remainder:
-    raise ValueError("config.data.drop_remainder=False is not supported: training batches must "
-                     "all have the same shape")
-  if int(d.num_workers) < 0 or int(d.read_threads) < 0:
-    raise ValueError(f"config.data.num_workers ({d.num_workers}) and read_threads "
-                     f"({d.read_threads}) must be >= 0")
   return d
 
 
@@ -604,12 +582,7 @@ def build_plan(config: ml_collections.ConfigDict, process_index: int = 0, proces
 def build_text_image(config: ml_collections.ConfigDict, process_index: Optional[int] = None,
                      process_count: Optional[int] = None) -> grain.IterDataset:
   """The text-to-image training pipeline of this process; ``iter()`` of it is checkpointable."""
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top  (workers never need it)
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  process_index, process_count = resolve_process(process_index, process_count)
   data = _data_fields(config)
   source, table, plan, _ = build_plan(config, process_index, process_count)
   batch_size = plan.batch_size
