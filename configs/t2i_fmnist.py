@@ -34,9 +34,10 @@ def get_config(arg=None):
   # A small model on few CPU steps: AdamW with a larger LR than the paper's (as the class-
   # conditional demo; CAME's first steps, without bias correction, are ~10x the LR and cost this
   # short run more than they gain), short warmup, an EMA that warms up.
-  # --config.train.optimizer=came runs the release's optimizer.
+  # --config.train.optimizer=came runs the release's optimizer. Flow shift 3 as the 512 stages:
+  # with shift 1 this run learned the colours far worse (colour check 0.49 against 0.91).
   t.optimizer, t.b1, t.b2, t.b3, t.came_eps = "adamw", 0.9, 0.999, 0.9999, (1e-30, 1e-16)
-  t.lr, t.warmup_steps, t.grad_clip, t.time_shift = 1.5e-3, 100, 1.0, 1.0
+  t.lr, t.warmup_steps, t.grad_clip, t.time_shift = 1.5e-3, 100, 1.0, 3.0
   t.ema_decay, t.ema_warmup = 0.999, True
   t.log_every, t.checkpoint_every, t.sample_every = 50, 500, 0
   t.sample_steps, t.sample_cfg_scale, t.sample_cfg_interval = 20, 3.0, (0.0, 1.0)
@@ -44,7 +45,7 @@ def get_config(arg=None):
   t.sample_rows, t.sample_per_row = 8, 4
   c.sample = config_lib.sample_defaults()
   c.sample.update(dict(sampler="dpm_solver_pp_2m", num_steps=20, cfg_scale=3.0, cfg_interval=(0.0, 1.0),
-                       time_shift=1.0, batch_size=100, seed=0))
+                       time_shift=3.0, batch_size=100, seed=0))
   c.sample.num_per_prompt = 2
   c.sample.negative_prompt = ""
   return c
