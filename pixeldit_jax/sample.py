@@ -70,6 +70,24 @@ def make_sample_batch(graphdef, s, image_shape, null_class: int):
   return sample_batch
 
 
+def _ema_on_mesh(config, model_cfg, checkpoint_dir: str, step):
+  """(mesh, rules, graphdef, param shardings, EMA params restored onto the mesh)."""
+  mesh = sharding.make_mesh(config.sharding.mesh_shape)
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  model = abstract_model(model_cfg)
+  param_shardings = sharding.named(mesh, sharding.param_specs(model, mesh, rules))
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)), param_shardings)
+  params = ckpt_lib.load_params(checkpoint_dir, target, ckpt_lib.EMA_PARAMS, step)
+  return mesh, rules, nnx.graphdef(model), param_shardings, params
+
+
+def _global_batch(size: int, mesh) -> int:
+  """`size` rounded up to a multiple of the devices the batch is split over."""
+  devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  return -(-size // devices) * devices
+
+
 def make_text_sample_batch(graphdef, s, image_shape):
   """(params, indices, text (B, L, C), negative (B, L, C)) -> uint8 images: DPM-Solver++(2M) in
   the sigma convention, CFG against the negative-prompt (or null) embedding."""
@@ -119,16 +137,8 @@ def run_text(config, checkpoint_dir: str, out_dir: str, prompts: list[str], step
   h, w = config.image_size
   per = int(s.get("num_per_prompt", 1))
   total = len(prompts) * per
-  mesh = sharding.make_mesh(config.sharding.mesh_shape)
-  rules = tuple(tuple(r) for r in config.sharding.rules)
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  batch = -(-min(s.batch_size, total) // batch_devices) * batch_devices
-  model = abstract_model(model_cfg)
-  graphdef = nnx.graphdef(model)
-  param_shardings = sharding.named(mesh, sharding.param_specs(model, mesh, rules))
-  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        nnx.to_pure_dict(nnx.state(model, nnx.Param)), param_shardings)
-  params = ckpt_lib.load_params(checkpoint_dir, target, ckpt_lib.EMA_PARAMS, step)
+  mesh, rules, graphdef, param_shardings, params = _ema_on_mesh(config, model_cfg, checkpoint_dir, step)
+  batch = _global_batch(min(s.batch_size, total), mesh)
   text = cond.embed(prompts)
   negative_prompt = s.get("negative_prompt") or ""
   negative = cond.embed([negative_prompt], null=True)
@@ -172,16 +182,8 @@ def run(config, checkpoint_dir: str, out_dir: str, step=None) -> dict:
     raise ValueError(f"{checkpoint_dir} holds a text-to-image model: give --prompts=FILE")
   h, w = config.image_size
   total = s.num_per_class * model_cfg.num_classes
-  mesh = sharding.make_mesh(config.sharding.mesh_shape)
-  rules = tuple(tuple(r) for r in config.sharding.rules)
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  batch = -(-s.batch_size // batch_devices) * batch_devices
-  model = abstract_model(model_cfg)
-  graphdef = nnx.graphdef(model)
-  param_shardings = sharding.named(mesh, sharding.param_specs(model, mesh, rules))
-  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        nnx.to_pure_dict(nnx.state(model, nnx.Param)), param_shardings)
-  params = ckpt_lib.load_params(checkpoint_dir, target, ckpt_lib.EMA_PARAMS, step)
+  mesh, rules, graphdef, param_shardings, params = _ema_on_mesh(config, model_cfg, checkpoint_dir, step)
+  batch = _global_batch(s.batch_size, mesh)
 
   parts_dir = os.path.join(out_dir, "parts")
   is_main = jax.process_index() == 0

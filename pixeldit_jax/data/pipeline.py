@@ -89,6 +89,21 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
+def read_in_parallel(ds: grain.MapDataset, data) -> grain.IterDataset:
+  """Batched MapDataset -> iterator dataset read by `read_threads` threads and, with
+  `num_workers` > 0, worker processes."""
+  threads = int(data.read_threads)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+  if data.num_workers > 0:
+    _ensure_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.num_workers),
+                                                     per_worker_buffer_size=2))
+    # Workers hand batches over in shared memory; copy them out so that the trainer gets plain
+    # arrays and a held batch never pins (or, at exit, leaks) a shared-memory block.
+    ds = ds.map(_plain_arrays)
+  return ds
+
+
 def resolve_process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
   """(index, count) of this process, from JAX where not given."""
   if process_index is None or process_count is None:
@@ -126,15 +141,7 @@ def build(config: ml_collections.ConfigDict, process_index: Optional[int] = None
   if data.random_flip:
     ds = ds.random_map(RandomFlip())
   ds = ds.batch(batch_size, drop_remainder=True)
-  threads = int(data.read_threads)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
-  if data.num_workers > 0:
-    _ensure_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.num_workers),
-                                                     per_worker_buffer_size=2))
-    # Workers hand batches over in shared memory; copy them out so that the trainer gets plain
-    # arrays and a held batch never pins (or, at exit, leaks) a shared-memory block.
-    ds = ds.map(_plain_arrays)
+  ds = read_in_parallel(ds, data)
   log.info("Data: %s, process %d/%d, %d examples per process, local batch %d, %d workers",
            source.description, process_index, process_count, per_process, batch_size,
            data.num_workers)

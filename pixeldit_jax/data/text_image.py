@@ -71,8 +71,7 @@ from pixeldit_jax.data import buckets as buckets_lib
 from pixeldit_jax.data import captioned_fmnist, transforms
 from pixeldit_jax.data.base import DataNotFoundError, UnreadableDataError
 from pixeldit_jax.data.config import data_config, default_data_config
-from pixeldit_jax.data.pipeline import (MAX_TRIES, _ensure_flags_parsed, _plain_arrays, local_batch_size,
-                                        resolve_process)
+from pixeldit_jax.data.pipeline import MAX_TRIES, local_batch_size, read_in_parallel, resolve_process
 
 log = logging.getLogger(__name__)
 
@@ -589,13 +588,7 @@ def build_text_image(config: ml_collections.ConfigDict, process_index: Optional[
   ds = grain.MapDataset.range(sys.maxsize)  # stream positions; the plan handles the epochs
   ds = ds.map(ReadSlot(source, plan, table))
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=stack_batch)
-  threads = int(data.read_threads)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
-  if data.num_workers > 0:
-    _ensure_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.num_workers),
-                                                     per_worker_buffer_size=2))
-    ds = ds.map(_plain_arrays)  # copy out of shared memory (see pipeline.build)
+  ds = read_in_parallel(ds, data)
   log.info("Text-image data: %s, process %d/%d, buckets %s, %d steps per epoch, local batch %d, "
            "%d workers", source.description, process_index, process_count, table.name,
            plan.steps_per_epoch, batch_size, data.num_workers)

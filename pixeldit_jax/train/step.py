@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -135,8 +135,3 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
     return new_state, metrics
 
   return train_step
-
-
-def frozen_placeholder() -> dict[str, Any]:
-  """The `frozen` argument of a step that uses no teacher and no in-step text encoder."""
-  return {}
