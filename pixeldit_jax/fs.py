@@ -1,0 +1,205 @@
+"""The one path layer: every user path may be local or a ``gs://`` (or other fsspec) URL.
+
+Everything goes through ``etils.epath``, the path layer Orbax itself uses: local paths map to
+``pathlib``, ``gs://`` to gcsfs (or ``tf.io.gfile`` where TensorFlow is installed). Nothing here
+calls ``os.path.abspath`` on a URL (that silently turns ``gs://b/run`` into ``./gs:/b/run``).
+
+Libraries that only read local files (memory-mapped ``.npy``, safetensors, tokenizers) get one
+through ``local_file``, which copies a remote file into a cache directory once.
+
+Pointing at a GCS emulator: set ``STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT`` (gcsfs) and
+``TENSORSTORE_GCS_HTTP_URL`` to the same address (Orbax's array store); ``use_gcs_emulator``
+does both.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from typing import IO, Iterator, Union
+
+from etils import epath
+
+PathLike = Union[str, os.PathLike, epath.Path]
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for URLs (``gs://``, ``s3://``...), False for local paths."""
+  return "://" in os.fspath(path)
+
+
+def path(p: PathLike) -> epath.Path:
+  """An epath for `p`: local paths are made absolute (``~`` expanded), URLs are kept as given."""
+  s = os.fspath(p)
+  if is_remote(s):
+    return epath.Path(s)
+  return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def resolve(p: PathLike) -> str:
+  """`p` as a string: absolute for local paths, unchanged for URLs (what Orbax expects)."""
+  return os.fspath(path(p))
+
+
+def join(base: PathLike, *parts: str) -> str:
+  """Join path parts; keeps ``gs://`` intact (``os.path.join`` does too, but says nothing)."""
+  return os.fspath(epath.Path(os.fspath(base)).joinpath(*parts))
+
+
+def exists(p: PathLike) -> bool:
+  return path(p).exists()
+
+
+def isdir(p: PathLike) -> bool:
+  return path(p).is_dir()
+
+
+def isfile(p: PathLike) -> bool:
+  return path(p).is_file()
+
+
+def makedirs(p: PathLike) -> None:
+  path(p).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(p: PathLike) -> list[str]:
+  """Sorted entry names (not full paths) of a directory."""
+  return sorted(c.name for c in path(p).iterdir())
+
+
+def glob(p: PathLike, pattern: str) -> list[str]:
+  return sorted(os.fspath(c) for c in path(p).glob(pattern))
+
+
+def open(p: PathLike, mode: str = "r") -> IO:  # noqa: A001 - mirrors builtins.open
+  """Open a local or remote file; writing creates the parent directory."""
+  fp = path(p)
+  if any(c in mode for c in "wax"):
+    fp.parent.mkdir(parents=True, exist_ok=True)
+  return fp.open(mode)
+
+
+def read_text(p: PathLike) -> str:
+  return path(p).read_text()
+
+
+def write_text(p: PathLike, text: str) -> None:
+  with open(p, "w") as f:
+    f.write(text)
+
+
+def read_bytes(p: PathLike) -> bytes:
+  return path(p).read_bytes()
+
+
+def write_bytes(p: PathLike, data: bytes) -> None:
+  with open(p, "wb") as f:
+    f.write(data)
+
+
+def rename(src: PathLike, dst: PathLike) -> None:
+  """Rename a file or directory (on GCS a copy then delete: not atomic)."""
+  path(src).rename(path(dst))
+
+
+def remove(p: PathLike) -> None:
+  """Delete a file or a whole directory tree; missing is fine."""
+  fp = path(p)
+  if fp.is_dir():
+    fp.rmtree()
+  elif fp.exists():
+    fp.unlink()
+
+
+def atomic_write_bytes(p: PathLike, data: bytes) -> None:
+  """Write a file so that readers never see half of it: local files via rename, GCS objects
+  are atomic per upload."""
+  if is_remote(p):
+    write_bytes(p, data)
+    return
+  fp = path(p)
+  fp.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.fspath(fp.parent), prefix=f".{fp.name}.")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, os.fspath(fp))
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def cache_dir() -> str:
+  """Where remote files are copied for libraries that need a local file."""
+  return os.environ.get("PIXELDIT_CACHE_DIR",
+                        os.path.join(os.path.expanduser("~"), ".cache", "pixeldit_jax"))
+
+
+def local_file(p: PathLike) -> str:
+  """A local filename holding `p`'s bytes: `p` itself when local, else a cached copy (keyed by the
+  URL and the object's size, so a replaced object is fetched again)."""
+  if not is_remote(p):
+    return resolve(p)
+  fp = path(p)
+  size = fp.stat().length
+  key = hashlib.sha256(f"{os.fspath(fp)}|{size}".encode()).hexdigest()[:16]
+  dest = os.path.join(cache_dir(), "remote", key, fp.name)
+  if not (os.path.exists(dest) and os.path.getsize(dest) == size):
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = dest + ".part"
+    with fp.open("rb") as src, builtins.open(tmp, "wb") as dst:
+      shutil.copyfileobj(src, dst, length=16 << 20)
+    os.replace(tmp, dest)
+  return dest
+
+
+def local_dir(p: PathLike) -> str:
+  """Like `local_file` for a directory (e.g. a Hugging Face model folder), copied whole."""
+  if not is_remote(p):
+    return resolve(p)
+  fp = path(p)
+  key = hashlib.sha256(os.fspath(fp).encode()).hexdigest()[:16]
+  dest = os.path.join(cache_dir(), "remote", key, fp.name)
+  for src in fp.rglob("*"):
+    if src.is_dir():
+      continue
+    rel = os.path.relpath(os.fspath(src), os.fspath(fp))
+    target = os.path.join(dest, rel)
+    size = src.stat().length
+    if os.path.exists(target) and os.path.getsize(target) == size:
+      continue
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with src.open("rb") as s, builtins.open(target + ".part", "wb") as d:
+      shutil.copyfileobj(s, d, length=16 << 20)
+    os.replace(target + ".part", target)
+  return dest
+
+
+@contextlib.contextmanager
+def local_output(p: PathLike, suffix: str = "") -> Iterator[str]:
+  """A local filename for a library that can only write local files; uploaded to `p` on success."""
+  if not is_remote(p):
+    makedirs(os.path.dirname(resolve(p)))
+    yield resolve(p)
+    return
+  fd, tmp = tempfile.mkstemp(suffix=suffix or os.path.splitext(os.fspath(p))[1])
+  os.close(fd)
+  try:
+    yield tmp
+    with builtins.open(tmp, "rb") as f:
+      write_bytes(p, f.read())
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+
+
+def use_gcs_emulator(endpoint: str) -> None:
+  """Point gcsfs, google-cloud-storage and tensorstore (Orbax's arrays) at a GCS emulator."""
+  os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+  os.environ["TENSORSTORE_GCS_HTTP_URL"] = endpoint
+
