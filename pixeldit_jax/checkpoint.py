@@ -17,7 +17,6 @@ The official-checkpoint importer writes ``ema_params`` + ``meta``; training writ
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Mapping, Optional
 
@@ -29,6 +28,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_keep
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as ocp_save
 
+from pixeldit_jax import fs
 from pixeldit_jax.model import PixelDiTConfig, PixelDiT
 from pixeldit_jax.model import pixeldit as pixeldit_lib
 
@@ -48,8 +48,8 @@ class RunMismatchError(CheckpointError):
 
 
 def _manager(directory: str, create: bool) -> ocp.CheckpointManager:
-  directory = os.path.abspath(os.path.expanduser(directory))  # Orbax wants absolute paths
-  if not create and not os.path.isdir(directory):
+  directory = fs.resolve(directory)  # Orbax wants absolute paths (URLs stay as they are)
+  if not create and not fs.isdir(directory):
     raise CheckpointError(f"No checkpoint directory at {directory}")
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=create))
 
@@ -82,8 +82,8 @@ def read_meta(directory: str, step: Optional[int] = None) -> tuple[int, dict]:
 def items(directory: str, step: Optional[int] = None) -> set[str]:
   """Names of the items saved at `step` (default: the latest)."""
   step, _ = read_meta(directory, step)
-  path = os.path.join(os.path.abspath(os.path.expanduser(directory)), str(step))
-  return {n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))}
+  path = fs.path(directory) / str(step)
+  return {c.name for c in path.iterdir() if c.is_dir()}
 
 
 def load_params(directory: str, abstract_params, item: str = EMA_PARAMS, step: Optional[int] = None):
@@ -142,7 +142,7 @@ class TrainCheckpointer:
   """
 
   def __init__(self, directory: str, *, every: int, keep: int):
-    self.directory = os.path.abspath(os.path.expanduser(directory))
+    self.directory = fs.resolve(directory)
     save_policy = ocp_save.FixedIntervalPolicy(every)
     if jax.process_count() > 1:
       save_policy = ocp_save.AnySavePolicy([save_policy, ocp_save.PreemptionCheckpointingPolicy()])
@@ -185,15 +185,15 @@ class TrainCheckpointer:
 
   def _set_aside(self, step: int):
     """Rename an unreadable step so it is kept for inspection but never restored or overwritten."""
-    path = os.path.join(self.directory, str(step))
-    if jax.process_index() == 0 and os.path.isdir(path):
-      os.rename(path, f"{path}.unreadable-{int(time.time())}")
+    path = fs.join(self.directory, str(step))
+    if jax.process_index() == 0 and fs.isdir(path):
+      fs.rename(path, f"{path}.unreadable-{int(time.time())}")
     multihost_sync(f"set_aside_{step}")
     self.manager.reload()
 
   def _restore(self, step, abstract_state, data_iter):
     want_projector = bool(abstract_state.projector)
-    if want_projector != os.path.isdir(os.path.join(self.directory, str(step), REPA_PROJECTOR)):
+    if want_projector != fs.isdir(fs.join(self.directory, str(step), REPA_PROJECTOR)):
       # The optimizer state's structure differs too: not resumable, but not a damaged checkpoint.
       raise RunMismatchError(
           f"Checkpoint step {step} in {self.directory} was saved "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from PIL import Image
+
+from pixeldit_jax import fs
 
 
 def grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
@@ -24,5 +26,6 @@ def save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
   img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img.save(path)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  fs.atomic_write_bytes(path, buf.getvalue())  # local or gs://; never a half-written PNG
