@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from typing import IO, Iterator, Union
 
+import numpy as np
 from etils import epath
 
 PathLike = Union[str, os.PathLike, epath.Path]
@@ -142,12 +143,13 @@ def cache_dir() -> str:
 
 def local_file(p: PathLike) -> str:
   """A local filename holding `p`'s bytes: `p` itself when local, else a cached copy (keyed by the
-  URL and the object's size, so a replaced object is fetched again)."""
+  URL, size and modification time, so a replaced object is fetched again)."""
   if not is_remote(p):
     return resolve(p)
   fp = path(p)
-  size = fp.stat().length
-  key = hashlib.sha256(f"{os.fspath(fp)}|{size}".encode()).hexdigest()[:16]
+  st = fp.stat()
+  size = st.length
+  key = hashlib.sha256(f"{os.fspath(fp)}|{size}|{st.mtime}".encode()).hexdigest()[:16]
   dest = os.path.join(cache_dir(), "remote", key, fp.name)
   if not (os.path.exists(dest) and os.path.getsize(dest) == size):
     os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -191,11 +193,36 @@ def local_output(p: PathLike, suffix: str = "") -> Iterator[str]:
   os.close(fd)
   try:
     yield tmp
-    with builtins.open(tmp, "rb") as f:
-      write_bytes(p, f.read())
+    with builtins.open(tmp, "rb") as src, open(p, "wb") as dst:
+      shutil.copyfileobj(src, dst, length=16 << 20)
   finally:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
+
+
+def save_npz(p: PathLike, **arrays) -> str:
+  """np.savez to a local or remote path; the file appears whole or not at all."""
+  fp = path(p)
+  if is_remote(p):
+    with local_output(p, suffix=".npz") as tmp:
+      np.savez(tmp, **arrays)
+  else:
+    fp.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.fspath(fp.parent), prefix=f".{fp.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+      np.savez(tmp, **arrays)
+      os.replace(tmp, os.fspath(fp))
+    except BaseException:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+      raise
+  return os.fspath(fp)
+
+
+def load_npz(p: PathLike):
+  """np.load of a local or remote .npz, never unpickling (object arrays are refused)."""
+  return np.load(local_file(p), allow_pickle=False)
 
 
 def use_gcs_emulator(endpoint: str) -> None:

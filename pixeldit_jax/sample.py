@@ -18,7 +18,6 @@ one. The result is `samples.npz` in the ADM evaluator's layout: `arr_0` uint8 NH
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -31,7 +30,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from pixeldit_jax import checkpoint as ckpt_lib
-from pixeldit_jax import images, sharding
+from pixeldit_jax import fs, images, sharding
 from pixeldit_jax.diffusion import samplers
 from pixeldit_jax.model import abstract as abstract_model
 
@@ -105,10 +104,9 @@ def make_text_sample_batch(graphdef, s, image_shape):
 
 def read_prompts(path: str) -> list[str]:
   """One prompt per non-empty line (a .txt file), or a JSON list of strings."""
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(f"No prompt file at {path!r} (one prompt per line, or a JSON list)")
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = fs.read_bytes(path).decode("utf-8")
   prompts = json.loads(text) if path.endswith(".json") else [l.strip() for l in text.splitlines()]
   prompts = [p for p in prompts if p]
   if not prompts:
@@ -157,15 +155,13 @@ def run_text(config, checkpoint_dir: str, out_dir: str, prompts: list[str], step
   captions = np.array([prompts[i // per] for i in range(total)])
   summary = dict(total=total, generated=total, seconds=seconds, images_per_s=total / seconds, out_dir=out_dir)
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "samples.npz")
-    np.savez(path, arr_0=x, captions=captions)
-    with open(os.path.join(out_dir, "settings.json"), "w") as f:
-      json.dump({"checkpoint": os.path.abspath(checkpoint_dir), "step": step, "image_size": [h, w],
-                 "prompts": prompts, **s.to_dict()}, f, indent=1, default=str)
+    path = fs.save_npz(fs.join(out_dir, "samples.npz"), arr_0=x, captions=captions)
+    fs.write_text(fs.join(out_dir, "settings.json"), json.dumps(
+        {"checkpoint": fs.resolve(checkpoint_dir), "step": step, "image_size": [h, w],
+         "prompts": prompts, **s.to_dict()}, indent=1, default=str))
     for i, img in enumerate(x):
-      images.save_png(img, os.path.join(out_dir, "images", f"{i:05d}.png"))
-    grid_path = os.path.join(out_dir, "grid.png")
+      images.save_png(img, fs.join(out_dir, "images", f"{i:05d}.png"))
+    grid_path = fs.join(out_dir, "grid.png")
     images.save_png(images.grid(x, len(prompts) if per > 1 else max(1, int(total ** 0.5))), grid_path,
                     scale=max(1, 256 // max(h, w)))
     summary.update(samples=path, grid=grid_path)
@@ -185,15 +181,15 @@ def run(config, checkpoint_dir: str, out_dir: str, step=None) -> dict:
   mesh, rules, graphdef, param_shardings, params = _ema_on_mesh(config, model_cfg, checkpoint_dir, step)
   batch = _global_batch(s.batch_size, mesh)
 
-  parts_dir = os.path.join(out_dir, "parts")
+  parts_dir = fs.join(out_dir, "parts")
   is_main = jax.process_index() == 0
   if is_main:
-    os.makedirs(parts_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "settings.json"), "w") as f:
-      json.dump({"checkpoint": os.path.abspath(checkpoint_dir), "step": step, "image_size": [h, w],
-                 "total": total, **s.to_dict()}, f, indent=1, default=str)
+    fs.makedirs(parts_dir)
+    fs.write_text(fs.join(out_dir, "settings.json"), json.dumps(
+        {"checkpoint": fs.resolve(checkpoint_dir), "step": step, "image_size": [h, w],
+         "total": total, **s.to_dict()}, indent=1, default=str))
   multihost_utils.sync_global_devices("sample_start")
-  done = {int(n[5:12]) for n in os.listdir(parts_dir) if n.startswith("part_") and n.endswith(".npz")}
+  done = {int(n[5:12]) for n in fs.listdir(parts_dir) if n.startswith("part_") and n.endswith(".npz")}
 
   batch_sharding = sharding.batch_sharding(mesh, rules, 1)
   fn = jax.jit(make_sample_batch(graphdef, s, (h, w, model_cfg.in_channels), model_cfg.num_classes),
@@ -210,10 +206,8 @@ def run(config, checkpoint_dir: str, out_dir: str, step=None) -> dict:
       out = fn(params, put(idx.astype(np.int32)), put(labels))
       imgs = np.asarray(multihost_utils.process_allgather(out, tiled=True))
       n = min(batch, total - b)
-      if is_main:
-        tmp = os.path.join(parts_dir, f"tmp_{b:07d}.npz")
-        np.savez(tmp, arr_0=imgs[:n], arr_1=labels[:n])
-        os.replace(tmp, os.path.join(parts_dir, f"part_{b:07d}.npz"))  # a part is whole or absent
+      if is_main:  # a part is whole or absent
+        fs.save_npz(fs.join(parts_dir, f"part_{b:07d}.npz"), arr_0=imgs[:n], arr_1=labels[:n])
       generated += n
       bar.update(n)
   bar.close()
@@ -233,18 +227,18 @@ def _local_slice(n: int) -> slice:
 
 
 def _assemble(out_dir, parts_dir, total, num_classes, per_class, hw) -> dict:
-  parts = sorted(n for n in os.listdir(parts_dir) if n.startswith("part_"))
-  arrays = [np.load(os.path.join(parts_dir, n)) for n in parts]
+  parts = sorted(n for n in fs.listdir(parts_dir) if n.startswith("part_") and n.endswith(".npz"))
+  arrays = [fs.load_npz(fs.join(parts_dir, n)) for n in parts]
   x = np.concatenate([a["arr_0"] for a in arrays])
   y = np.concatenate([a["arr_1"] for a in arrays])
   if len(x) != total:
     raise RuntimeError(f"{parts_dir} holds {len(x)} samples, expected {total}")
-  path = os.path.join(out_dir, "samples.npz")
-  np.savez(path, arr_0=x, arr_1=y, labels=y)  # arr_1 as in ADM's labelled batches; labels by name
+  # arr_1 as in ADM's labelled batches; labels by name
+  path = fs.save_npz(fs.join(out_dir, "samples.npz"), arr_0=x, arr_1=y, labels=y)
   rows = min(10, num_classes)
   cols = min(10, per_class)
   pick = np.concatenate([np.arange(c * per_class, c * per_class + cols) for c in range(rows)])
-  grid_path = os.path.join(out_dir, "grid.png")
+  grid_path = fs.join(out_dir, "grid.png")
   images.save_png(images.grid(x[pick], rows), grid_path, scale=max(1, 256 // max(hw)))
   return dict(samples=path, grid=grid_path)
 
@@ -258,9 +252,9 @@ def main(argv):
   config_lib.validate(config)
   if bool(f.workdir) == bool(f.checkpoint):
     raise app.UsageError("Give exactly one of --workdir (a training run) or --checkpoint (a checkpoint dir).")
-  ckpt_dir = os.path.abspath(f.checkpoint or os.path.join(f.workdir, "checkpoints"))
-  out_dir = os.path.abspath(f.out or os.path.join(f.workdir or f.checkpoint,
-                                                  "samples_" + settings_tag(config.sample)))
+  ckpt_dir = fs.resolve(f.checkpoint or fs.join(f.workdir, "checkpoints"))
+  out_dir = fs.resolve(f.out or fs.join(f.workdir or f.checkpoint,
+                                        "samples_" + settings_tag(config.sample)))
   if f.prompts:
     summary = run_text(config, ckpt_dir, out_dir, read_prompts(f.prompts), f.step)
   else:
