@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import zipfile
 from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
+
+from pixeldit_jax import fs
 
 ALL_METRICS = ("fid", "sfid", "is", "precision", "recall")
 _ALIASES = {"inception_score": "is", "isc": "is", "pr": "precision,recall", "all": ",".join(ALL_METRICS)}
@@ -147,8 +148,12 @@ def evaluate(samples: str, reference: str, inception: Optional[str], *, batch_si
 
   metrics = list(metrics)
   for path, what in ((samples, "samples"), (reference, "reference")):
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
       raise FileNotFoundError(f"{what} file not found: {path!r}")
+  names = {"samples": fs.resolve(samples), "reference": fs.resolve(reference),
+           "inception": None if inception is None else fs.resolve(inception)}
+  # Batches stream from local files: remote ones (gs://) are copied to the cache once.
+  samples, reference = fs.local_file(samples), fs.local_file(reference)
   if model is None:
     model = inc.load_inception(inception)  # fails early, before any other work, if missing
   extractor = inc.FeatureExtractor(model, batch_size=batch_size)
@@ -200,7 +205,7 @@ def evaluate(samples: str, reference: str, inception: Optional[str], *, batch_si
   if "spatial" in sample_want:
     sample_stats["mu_s"], sample_stats["sigma_s"] = m.feature_statistics(sample_feats["spatial"])
   if save_sample_stats:
-    np.savez(save_sample_stats, **sample_stats)
+    fs.save_npz(save_sample_stats, **sample_stats)
 
   def ref_gaussian(kind):
     if ref_stats.get(kind) == "npz":
@@ -233,9 +238,7 @@ def evaluate(samples: str, reference: str, inception: Optional[str], *, batch_si
       "num_reference_images": None if num_ref is None else int(num_ref),
       "reference_statistics": {k: ("from reference npz" if ref_stats.get(k) == "npz" else "computed")
                                for k, name in (("pool", "fid"), ("spatial", "sfid")) if name in metrics},
-      "samples": os.path.abspath(samples),
-      "reference": os.path.abspath(reference),
-      "inception": None if inception is None else os.path.abspath(inception),
+      **names,
       "settings": {"batch_size": batch_size, "is_split_size": is_split_size, "pr_k": pr_k,
                    "distance_dtype": distance_dtype, "fid_method": fid_method},
       "timings": {k: round(v, 2) for k, v in timings.items()},
@@ -298,9 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   print(format_table(report))
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
+    fs.write_text(args.out, json.dumps(report, indent=2))
     print(f"wrote {args.out}")
   return 0
 

@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixeldit_jax import fs
+
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
 POOL_DIM = 2048
@@ -417,10 +419,9 @@ def resolve_weights_path(path: Optional[str]) -> str:
   path = path or os.environ.get(WEIGHTS_ENV)
   if not path:
     raise InceptionWeightsNotFound(f"no InceptionV3 weights file was given. {WEIGHTS_HELP}")
-  path = os.path.expanduser(path)
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise InceptionWeightsNotFound(f"InceptionV3 weights file not found: {path!r}. {WEIGHTS_HELP}")
-  return path
+  return fs.local_file(path)  # a gs:// file is copied to the local cache once
 
 
 def load_inception(path: Optional[str] = None) -> InceptionV3:
@@ -455,10 +456,7 @@ def random_inception(seed: int = 0) -> InceptionV3:
 def save_npz(weights: Mapping[str, np.ndarray], out: str) -> None:
   """Write a state dict (torch names and layouts, float32, num_batches_tracked dropped)."""
   arrays = {k: np.asarray(v, np.float32) for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = out + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, out)
+  fs.save_npz(out, **arrays)
 
 
 def convert(pth: str, out: str) -> Dict[str, np.ndarray]:
