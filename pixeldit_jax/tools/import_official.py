@@ -21,12 +21,13 @@ the weights were trained in ("c2i_t" or "t2i_sigma", spec §10.8). torch is only
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import Mapping
 
 import numpy as np
+
+from pixeldit_jax import fs
 
 # ours -> official module paths (blocks are addressed without their index here).
 _SHARED_MODULES = {
@@ -227,11 +228,12 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
   Wrappers are unpacked: ``state_dict`` (Lightning, T2I trainer) or ``model``; a T2I
   ``state_dict_ema`` is kept beside it with its keys prefixed ``state_dict_ema.``.
   """
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(f"No checkpoint file at {path!r}. The released checkpoints are the .ckpt "
                             "files of the Hugging Face repository nvidia/PixelDiT-ImageNet (ImageNet) "
                             "and the .pth of nvidia/PixelDiT-1300M-1024px (text-to-image); download "
-                            "one and pass its local path.")
+                            "one and pass its path (local or gs://).")
+  path = fs.local_file(path)  # a gs:// file is copied to the local cache once
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
     return dict(load_file(path))
@@ -323,7 +325,7 @@ def import_checkpoint(checkpoint: str, out: str, which: str = "ema", allow_pickl
     projector_meta["official_block"] = OFFICIAL_REPA_BLOCK[kind]  # from the configs, not the tensors
   meta = {"model": cfg.to_dict(), "time_convention": TIME_CONVENTIONS[kind],
           "repa_projector": projector_meta,
-          "source": {"checkpoint": os.path.abspath(checkpoint), "kind": kind, "weights": info["weights"]}}
+          "source": {"checkpoint": fs.resolve(checkpoint), "kind": kind, "weights": info["weights"]}}
   ckpt.save_weights(out, step, items, meta)
   return meta
 
@@ -347,7 +349,7 @@ def main(argv=None):
   cfg = meta["model"]
   shown = {k: cfg[k] for k in ("hidden_size", "num_heads", "patch_depth", "pixel_depth", "patch_size",
                                "pixel_hidden_size", "pit_post_modulation", "text_dim")}
-  print(f"Imported {meta['source']['weights']} weights of {args.checkpoint} -> {os.path.abspath(args.out)} "
+  print(f"Imported {meta['source']['weights']} weights of {args.checkpoint} -> {fs.resolve(args.out)} "
         f"(step {args.step}, {meta['time_convention']} time convention); model: {shown}; "
         f"REPA projector: {meta['repa_projector']}")
   return 0
