@@ -182,6 +182,16 @@ def local_dir(p: PathLike) -> str:
   return dest
 
 
+def upload_dir(local: str, dest: PathLike, last: str = "") -> None:
+  """Copy a local directory tree to `dest` (local or remote), the file named `last` at the end so
+  that a reader that checks for it never sees a partial copy."""
+  files = sorted((os.path.relpath(os.path.join(r, n), local) for r, _, ns in os.walk(local) for n in ns),
+                 key=lambda rel: rel == last)
+  for rel in files:
+    with builtins.open(os.path.join(local, rel), "rb") as src, open(join(dest, *rel.split(os.sep)), "wb") as dst:
+      shutil.copyfileobj(src, dst, length=16 << 20)
+
+
 @contextlib.contextmanager
 def local_output(p: PathLike, suffix: str = "") -> Iterator[str]:
   """A local filename for a library that can only write local files; uploaded to `p` on success."""

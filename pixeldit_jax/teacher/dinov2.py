@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixeldit_jax import fs
 from pixeldit_jax.model import layers
 from pixeldit_jax.teacher.resize import output_size, torch_bicubic_resize
 
@@ -118,8 +119,7 @@ class Dinov2Config:
   def from_hf_config(cls, hf: Union[Mapping[str, Any], str, os.PathLike], **overrides) -> "Dinov2Config":
     """Config from a Hugging Face ``Dinov2Config`` dict or ``config.json`` path."""
     if not isinstance(hf, Mapping):
-      with open(hf) as f:
-        hf = json.load(f)
+      hf = json.loads(fs.read_text(hf))
     unsupported = []
     if hf.get("model_type", "dinov2") != "dinov2":
       unsupported.append(f"model_type {hf['model_type']!r} (only register-free 'dinov2')")
@@ -324,16 +324,16 @@ def resolve_weights_path(path: Optional[Union[str, os.PathLike]]) -> str:
   """The weight file for `path` (a file, or a directory holding one); FileNotFoundError if none."""
   if not path:
     raise FileNotFoundError(MISSING_WEIGHTS.format(path=path))
-  path = os.path.expanduser(os.fspath(path))
-  if os.path.isfile(path):
+  path = fs.resolve(path)  # local or gs://
+  if fs.isfile(path):
     return path
-  if os.path.isdir(path):
+  if fs.isdir(path):
     for name in _WEIGHT_FILES:
-      if os.path.isfile(os.path.join(path, name)):
-        return os.path.join(path, name)
-    found = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".pth", ".pt", ".bin")))
+      if fs.isfile(fs.join(path, name)):
+        return fs.join(path, name)
+    found = [f for f in fs.listdir(path) if f.endswith((".safetensors", ".pth", ".pt", ".bin"))]
     if len(found) == 1:
-      return os.path.join(path, found[0])
+      return fs.join(path, found[0])
     if found:
       raise FileNotFoundError(f"Several candidate DINOv2 weight files in {path!r}: {found}; "
                               "pass the file itself")
@@ -342,6 +342,7 @@ def resolve_weights_path(path: Optional[Union[str, os.PathLike]]) -> str:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """{tensor name: numpy array} of a .safetensors (numpy only) or torch (.pth/.pt/.bin) file."""
+  path = fs.local_file(path)  # a gs:// file is copied to the local cache once
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
     return dict(load_file(path))
@@ -544,8 +545,8 @@ def load_teacher(path: Optional[Union[str, os.PathLike]], cfg: Optional[Dinov2Co
   sd = read_state_dict(file)
   layout = detect_layout(sd)
   if cfg is None:
-    hf_config = os.path.join(os.path.dirname(file), "config.json")
-    if layout != "hub" and os.path.isfile(hf_config):
+    hf_config = fs.join(os.fspath(fs.path(file).parent), "config.json")
+    if layout != "hub" and fs.isfile(hf_config):
       cfg = Dinov2Config.from_hf_config(hf_config)
     elif layout == "hub":
       cfg = hub_config_from_shapes(sd)

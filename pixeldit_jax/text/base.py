@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixeldit_jax import fs
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -34,11 +36,10 @@ def resolve_dtype(name) -> jnp.dtype:
 def require_dir(path: Optional[str], what: str, field: str = "config.text.path") -> str:
   """`path` if it is an existing directory, else a FileNotFoundError naming it and `field`."""
   if not path:
-    raise FileNotFoundError(f"{field} is not set: {what} needs a local directory (nothing is downloaded)")
-  path = os.path.expanduser(str(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{what} directory {path!r} ({field}) does not exist or is not a directory")
-  return path
+    raise FileNotFoundError(f"{field} is not set: {what} needs a directory, local or gs:// (nothing is downloaded)")
+  if not fs.isdir(path):
+    raise FileNotFoundError(f"{what} directory {str(path)!r} ({field}) does not exist or is not a directory")
+  return fs.local_dir(path)  # read with local-file libraries: a gs:// directory is cached once
 
 
 def require_file(directory: str, name: str, what: str, field: str = "config.text.path") -> str:

@@ -25,10 +25,12 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 
+from pixeldit_jax import fs
 from pixeldit_jax.text import base
 
 EMB_FILE, MASK_FILE, CAPTIONS_FILE, META_FILE = "embeddings.npy", "mask.npy", "captions.json", "meta.json"
@@ -50,11 +52,14 @@ def build_cache(encoder: base.TextEncoder, captions: Sequence[str], out: str, *,
   unique = list(dict.fromkeys(captions))
   if not unique:
     raise ValueError("no captions to encode")
-  if os.path.exists(out) and not overwrite:
+  if fs.exists(out) and not overwrite:
     raise FileExistsError(f"{out!r} already exists (pass overwrite=True / --overwrite to replace it)")
   if store_dtype not in ("float16", "float32"):
     raise ValueError(f"store_dtype must be float16 or float32, not {store_dtype!r}")
-  tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+  # Written into a temporary directory beside `out` (or a local one for a gs:// `out`), which
+  # becomes `out` when complete.
+  remote = fs.is_remote(out)
+  tmp = tempfile.mkdtemp() if remote else f"{fs.resolve(out)}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   n, length, dim = len(unique), encoder.length, encoder.dim
@@ -84,9 +89,13 @@ def build_cache(encoder: base.TextEncoder, captions: Sequence[str], out: str, *,
   meta = {**encoder.fingerprint(), "count": n, "store_dtype": store_dtype, "format": FORMAT}
   with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.replace(tmp, out)
+  if fs.exists(out):
+    fs.remove(out)
+  if remote:
+    fs.upload_dir(tmp, out, last=META_FILE)  # meta.json last: a cache without it is incomplete
+    shutil.rmtree(tmp, ignore_errors=True)
+  else:
+    os.replace(tmp, fs.resolve(out))
   return TextEmbeddingCache(out)
 
 
@@ -98,11 +107,11 @@ class TextEmbeddingCache:
   """
 
   def __init__(self, path: str, expect=None):
-    path = os.path.expanduser(str(path))
     what = "text embedding cache"
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"{what} {path!r} (config.text.cache) does not exist; build it with "
+    if not fs.isdir(path):
+      raise FileNotFoundError(f"{what} {str(path)!r} (config.text.cache) does not exist; build it with "
                               "python -m pixeldit_jax.text.cache --captions=FILE --out=DIR")
+    path = fs.local_dir(path)  # memory-mapped: a gs:// cache is copied to the local cache once
     for name in (META_FILE, CAPTIONS_FILE, EMB_FILE, MASK_FILE, NULL_EMB_FILE, NULL_MASK_FILE):
       base.require_file(path, name, f"{what} is incomplete", field="config.text.cache")
     self.path = path
@@ -175,10 +184,10 @@ def load_cache(text_cfg) -> Optional[TextEmbeddingCache]:
 
 def read_captions(path: str) -> list:
   """One caption per line; the line break is dropped, blank lines are skipped."""
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(f"captions file {path!r} does not exist")
-  with open(path, encoding="utf-8") as f:
-    return [line.rstrip("\r\n") for line in f if line.strip()]
+  text = fs.read_bytes(path).decode("utf-8")
+  return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -19,17 +19,17 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from pixeldit_jax import config_lib
+from pixeldit_jax import config_lib, fs
 
 
 class FeatureTable:
   """Host-side lookup of precomputed teacher features by source index."""
 
   def __init__(self, path: str, expected_tokens: int, expected_dim: int):
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
       raise FileNotFoundError(f"No precomputed REPA features at {path!r} (config.repa.features_path); "
                               "make them with python -m pixeldit_jax.train.repa_features")
-    self.table = np.load(path, mmap_mode="r")
+    self.table = np.load(fs.local_file(path), mmap_mode="r")  # gs:// tables are cached locally
     if self.table.ndim != 3 or self.table.shape[1:] != (expected_tokens, expected_dim):
       raise ValueError(f"{path} holds features of shape {self.table.shape}; this run needs "
                        f"(N, {expected_tokens}, {expected_dim})")
@@ -56,6 +56,12 @@ def precompute(config, out: str, batch_size: int = 64) -> str:
   source = sources.make_source(config, data)
   fn = jax.jit(lambda p, x: dinov2.teacher_features(graphdef, p, x, size))
   n = len(source)
+  with fs.local_output(out, suffix=".npy") as local:  # uploaded when complete (gs://)
+    _write_features(fn, params, source, n, batch_size, local)
+  return fs.resolve(out)
+
+
+def _write_features(fn, params, source, n: int, batch_size: int, out: str):
   table = None
   tmp = out + ".partial.npy"
   for start in tqdm(range(0, n, batch_size), desc="teacher features", unit="batch"):
@@ -70,7 +76,6 @@ def precompute(config, out: str, batch_size: int = 64) -> str:
   table.flush()
   del table
   os.replace(tmp, out)
-  return out
 
 
 def main(argv):
