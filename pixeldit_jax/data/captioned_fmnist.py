@@ -167,14 +167,12 @@ class CaptionedFashionMNIST:
 def write_caption_files(out_dir: str, heldout: int = DEFAULT_HELDOUT, path: Optional[str] = None) -> dict:
   """captions.txt (every caption, for the embedding cache) and heldout.txt (the first `heldout`
   held-out captions, for evaluation), with the class names of the data actually present."""
-  import os  # noqa: PLC0415
+  from pixeldit_jax import fs  # noqa: PLC0415
   kind, _ = fashion_mnist.resolve("fashion_mnist", "train", path)
   names = CLASS_NAMES if kind == "fashion_mnist" else DIGIT_NAMES
-  os.makedirs(out_dir, exist_ok=True)
-  files = {"captions": os.path.join(out_dir, "captions.txt"), "heldout": os.path.join(out_dir, "heldout.txt")}
+  files = {"captions": fs.join(out_dir, "captions.txt"), "heldout": fs.join(out_dir, "heldout.txt")}
   for key, lines in (("captions", all_captions(names)), ("heldout", heldout_captions(heldout, names))):
-    with open(files[key], "w", encoding="utf-8") as f:
-      f.write("\n".join(lines) + "\n")
+    fs.write_bytes(files[key], ("\n".join(lines) + "\n").encode("utf-8"))
   return files
 
 

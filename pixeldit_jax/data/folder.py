@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from pixeldit_jax import fs
 from pixeldit_jax.data import transforms
 from pixeldit_jax.data.base import DataNotFoundError
 
@@ -27,16 +28,17 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def scan(root: str) -> tuple[list[str], list[str], np.ndarray]:
   """(class names, file paths relative to root, int32 labels), in a deterministic order."""
-  if not root or not os.path.isdir(root):
+  if not root or not fs.isdir(root):
     raise DataNotFoundError(f"Image folder {root!r} does not exist; source 'folder' needs "
                             "config.data.path = a directory of class sub-folders of images")
-  classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+  top = fs.path(root)
+  classes = sorted(e.name for e in top.iterdir() if e.is_dir() and not e.name.startswith("."))
   files, labels = [], []
   for label, name in enumerate(classes):
-    for entry in sorted(os.scandir(os.path.join(root, name)), key=lambda e: e.name):
-      if (entry.is_file() and not entry.name.startswith(".")
-          and os.path.splitext(entry.name)[1].lower() in EXTENSIONS):
-        files.append(os.path.join(name, entry.name))
+    for entry in sorted((top / name).iterdir(), key=lambda e: e.name):
+      if (not entry.name.startswith(".") and os.path.splitext(entry.name)[1].lower() in EXTENSIONS
+          and entry.is_file()):
+        files.append(f"{name}/{entry.name}")
         labels.append(label)
   if not files:
     raise DataNotFoundError(
@@ -59,7 +61,7 @@ class FolderSource:
 
   def __init__(self, root: str, image_size: Sequence[int], channels: int):
     transforms.target_mode(channels)
-    self.root = os.path.abspath(root) if root else root
+    self.root = fs.resolve(root) if root else root
     self.classes, self.files, self.labels = scan(self.root)
     self.image_size, self.channels = (int(image_size[0]), int(image_size[1])), channels
     self.description = (f"image folder {self.root} ({len(self.classes)} classes, "
@@ -69,10 +71,9 @@ class FolderSource:
     return len(self.files)
 
   def __getitem__(self, index: int) -> dict:
-    path = os.path.join(self.root, self.files[index])
+    path = fs.join(self.root, self.files[index])
     try:
-      with open(path, "rb") as f:
-        image, converted = decode(f.read(), self.image_size, self.channels)
+      image, converted = decode(fs.read_bytes(path), self.image_size, self.channels)
     except Exception as e:  # any decoder failure: PIL raises OSError, SyntaxError, ValueError, ...
       raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     return {"image": image, "label": int(self.labels[index]), "converted": converted}

@@ -67,6 +67,7 @@ import numpy as np
 from ml_collections import config_dict
 from PIL import Image
 
+from pixeldit_jax import fs
 from pixeldit_jax.data import buckets as buckets_lib
 from pixeldit_jax.data import captioned_fmnist, transforms
 from pixeldit_jax.data.base import DataNotFoundError, UnreadableDataError
@@ -176,13 +177,16 @@ def list_shards(path: Optional[str]) -> list[str]:
   if not path:
     raise DataNotFoundError("source 'webdataset' needs config.data.path = a directory (or glob) "
                             "of .tar shards")
-  if os.path.isdir(path):
-    shards = glob.glob(os.path.join(path, "*.tar"))
-  elif any(ch in path for ch in "*?["):
-    shards = glob.glob(path)
+  if fs.isdir(path):
+    shards = fs.glob(path, "*.tar")
+  elif any(ch in path for ch in "*?[") and not fs.is_remote(path):
+    shards = glob.glob(os.path.expanduser(path))
+  elif any(ch in path for ch in "*?["):  # gs://bucket/dir/shard-*.tar: a pattern in the last part
+    parent, pattern = path.rsplit("/", 1)
+    shards = fs.glob(parent, pattern) if fs.isdir(parent) else []
   else:
-    shards = [path] if os.path.isfile(path) else []
-  shards = sorted(os.path.abspath(s) for s in shards if os.path.isfile(s))
+    shards = [path] if fs.isfile(path) else []
+  shards = sorted(fs.resolve(s) for s in shards if fs.isfile(s))
   if not shards:
     raise DataNotFoundError(f"No .tar shards found at {path!r} (expected a directory or glob of "
                             "webdataset shards: key.jpg|jpeg|png|webp + key.txt|json)")
@@ -200,7 +204,7 @@ def index_shard(shard: str) -> list[list]:
   """[key, image offset, image size, caption kind (0 none, 1 txt, 2 json), caption offset,
   caption size, H, W] per record, in tar order; members without an image are ignored."""
   records: dict[str, dict] = {}
-  with tarfile.open(shard, "r:") as tar:
+  with fs.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
     for member in tar:
       if not member.isfile():
         continue
@@ -215,7 +219,7 @@ def index_shard(shard: str) -> list[list]:
       elif ext == "json":
         entry["json"] = (member.offset_data, member.size)
   rows = []
-  with open(shard, "rb") as f:
+  with fs.open(shard, "rb") as f:
     for key, entry in records.items():
       if "image" not in entry:
         continue
@@ -233,36 +237,39 @@ def _index_paths(shard: str) -> list[str]:
   return [shard + INDEX_SUFFIX, cache]
 
 
+def _size_and_mtime_ns(shard: str) -> tuple[int, int]:
+  if fs.is_remote(shard):  # object stores give whole seconds
+    st = fs.path(shard).stat()
+    return int(st.length), int(st.mtime) * 10**9
+  st = os.stat(shard)
+  return st.st_size, st.st_mtime_ns
+
+
 def load_shard_index(shard: str) -> list[list]:
   """The shard's index: from memory, from its cache file, or built (and cached) now."""
-  stat = os.stat(shard)
-  memo_key = (shard, stat.st_size, stat.st_mtime_ns)
+  size, mtime_ns = _size_and_mtime_ns(shard)
+  memo_key = (shard, size, mtime_ns)
   with _INDEX_LOCK:
     if memo_key in _INDEX_MEMO:
       return _INDEX_MEMO[memo_key]
-  stamp = {"format": INDEX_FORMAT, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+  stamp = {"format": INDEX_FORMAT, "size": size, "mtime_ns": mtime_ns}
   rows = None
   for path in _index_paths(shard):
     try:
-      with open(path) as f:
-        cached = json.load(f)
+      cached = json.loads(fs.read_text(path))
       if all(cached.get(k) == v for k, v in stamp.items()):
         rows = cached["records"]
         break
-    except (OSError, ValueError, AttributeError):
+    except Exception:  # noqa: BLE001 - missing, unreadable (local or remote) or stale: rebuild
       continue
   if rows is None:
     rows = index_shard(shard)
     text = json.dumps(dict(stamp, shard=os.path.basename(shard), records=rows))
     for path in _index_paths(shard):  # next to the data, else in the user cache
       try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "w") as f:
-          f.write(text)
-        os.replace(tmp, path)
+        fs.atomic_write_bytes(path, text.encode())
         break
-      except OSError:
+      except Exception:  # noqa: BLE001 - e.g. a read-only data directory or bucket
         continue
   with _INDEX_LOCK:
     _INDEX_MEMO[memo_key] = rows
@@ -297,7 +304,7 @@ class WebDatasetSource:
   def __getitem__(self, index: int) -> dict:
     shard = self.shards[self.shard_of[index]]
     where = f"{shard}:{self.keys[index]}"
-    with open(shard, "rb") as f:
+    with fs.open(shard, "rb") as f:
       f.seek(int(self.image_off[index]))
       image_bytes = f.read(int(self.image_size[index]))
       kind = int(self.caption_kind[index])
@@ -317,11 +324,11 @@ class WebDatasetSource:
 
 def read_captions_file(root: str) -> tuple[list[str], list[str]]:
   """(files relative to root, captions) from captions.jsonl, else captions.tsv."""
-  jsonl, tsv = os.path.join(root, "captions.jsonl"), os.path.join(root, "captions.tsv")
+  jsonl, tsv = fs.join(root, "captions.jsonl"), fs.join(root, "captions.tsv")
   files, captions = [], []
-  if os.path.isfile(jsonl):
-    with open(jsonl, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
+  if fs.isfile(jsonl):
+    with fs.open(jsonl, "rb") as f:
+      for n, line in enumerate(io.TextIOWrapper(f, encoding="utf-8"), 1):
         if not line.strip():
           continue
         try:
@@ -330,9 +337,9 @@ def read_captions_file(root: str) -> tuple[list[str], list[str]]:
         except (ValueError, KeyError, TypeError) as e:
           raise ValueError(f"{jsonl}:{n}: expected {{\"file\": ..., \"caption\": ...}}: {e}") from e
         captions.append(str(entry.get("caption") or ""))
-  elif os.path.isfile(tsv):
-    with open(tsv, encoding="utf-8") as f:
-      for line in f:
+  elif fs.isfile(tsv):
+    with fs.open(tsv, "rb") as f:
+      for line in io.TextIOWrapper(f, encoding="utf-8"):
         line = line.rstrip("\r\n")
         if line:
           file, _, text = line.partition("\t")
@@ -348,11 +355,11 @@ def read_captions_file(root: str) -> tuple[list[str], list[str]]:
 class CaptionFolderSource:
 
   def __init__(self, root: Optional[str], threads: int = 4):
-    if not root or not os.path.isdir(root):
+    if not root or not fs.isdir(root):
       raise DataNotFoundError(f"Caption folder {root!r} does not exist; source 'caption_folder' "
                               "needs config.data.path = a folder of images with captions.jsonl or "
                               "captions.tsv")
-    self.root, self.threads = os.path.abspath(root), threads
+    self.root, self.threads = fs.resolve(root), threads
     self.files, self.captions = read_captions_file(self.root)
     self._sizes = None
     self.description = f"caption folder {self.root} ({len(self.files)} images)"
@@ -362,7 +369,7 @@ class CaptionFolderSource:
 
   def _size(self, file: str) -> tuple[int, int]:
     try:
-      with open(os.path.join(self.root, file), "rb") as f:
+      with fs.open(fs.join(self.root, file), "rb") as f:
         return header_size(f)
     except OSError:
       return 0, 0
@@ -375,11 +382,10 @@ class CaptionFolderSource:
     return self._sizes
 
   def __getitem__(self, index: int) -> dict:
-    path = os.path.join(self.root, self.files[index])
+    path = fs.join(self.root, self.files[index])
     caption = clean_caption(self.captions[index], path)
     try:
-      with open(path, "rb") as f:
-        image, converted = decode_image(f.read())
+      image, converted = decode_image(fs.read_bytes(path))
     except Exception as e:  # pylint: disable=broad-except
       raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     return {"image": image, "caption": caption, "converted": converted}

@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from pixeldit_jax import fs
 from pixeldit_jax.data import load_fashion_mnist
 from pixeldit_jax.evaluation import fmnist_classifier as clf_lib
 from pixeldit_jax.evaluation.fmnist_classifier import (Classifier, TrainSettings, default_cache_dir,
@@ -145,7 +146,7 @@ def fmnist_metrics(samples_uint8, labels, classifier: Optional[Classifier] = Non
 
 def load_samples_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
   """uint8 ``arr_0`` and int ``labels`` of a samples npz."""
-  with np.load(path) as npz:
+  with fs.load_npz(path) as npz:
     missing = [k for k in ("arr_0", "labels") if k not in npz.files]
     if missing:
       raise ValueError(f"{path} lacks {missing} (it holds {npz.files}); expected uint8 'arr_0' "
@@ -174,14 +175,13 @@ def _eval_cmd(args) -> int:
   classifier = load_or_train(args.cache_dir, data_path=args.data_path)
   start = time.perf_counter()
   result = fmnist_metrics(samples, labels, classifier, data_path=args.data_path)
-  record = dict(result, num_samples=int(len(samples)), samples=os.path.abspath(args.samples),
+  record = dict(result, num_samples=int(len(samples)), samples=fs.resolve(args.samples),
                 classifier_test_accuracy=classifier.test_accuracy,
                 classifier_weights_md5=classifier.weights_md5,
                 reference="Fashion-MNIST official test split (10,000 images)", note=NOT_FID,
                 seconds=round(time.perf_counter() - start, 2))
   out = args.out or os.path.splitext(args.samples)[0] + "_fmnist.json"
-  with open(out, "w") as f:
-    json.dump(record, f, indent=2)
+  fs.write_text(out, json.dumps(record, indent=2))
   print(f"{NOT_FID}\n  samples: {len(samples)} from {args.samples}\n"
         f"  fmnist_accuracy: {result['fmnist_accuracy']:.4f} (classifier's own test accuracy "
         f"{classifier.test_accuracy:.4f})\n  fmnist_fd: {result['fmnist_fd']:.4f}\n  written to {out}")

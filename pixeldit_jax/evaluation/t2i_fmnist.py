@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from pixeldit_jax import fs
 from pixeldit_jax.data import captioned_fmnist as cf
 
 CHECKS = ("background", "position", "colour", "garment")
@@ -138,7 +139,8 @@ def faithfulness(images, captions: Sequence[str], classifier=None, *, classify: 
 
 
 def load_samples_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
-  with np.load(path, allow_pickle=True) as npz:
+  # Never unpickled: our sampler writes captions as a unicode array; object arrays are refused.
+  with fs.load_npz(path) as npz:
     missing = [k for k in ("arr_0", "captions") if k not in npz.files]
     if missing:
       raise ValueError(f"{path} lacks {missing} (it holds {npz.files}); expected uint8 'arr_0' "
@@ -165,14 +167,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (ValueError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  record = dict(result, samples=os.path.abspath(args.samples),
+  record = dict(result, samples=fs.resolve(args.samples),
                 seconds=round(time.perf_counter() - start, 2))
   if classifier is not None:
     record.update(classifier_test_accuracy=classifier.test_accuracy,
                   classifier_weights_md5=classifier.weights_md5)
   out = args.out or os.path.splitext(args.samples)[0] + "_t2i.json"
-  with open(out, "w") as f:
-    json.dump(record, f, indent=2)
+  fs.write_text(out, json.dumps(record, indent=2))
   lines = [f"  {k}: {v:.4f}" for k, v in result.items() if k.startswith("t2i_")]
   print(f"Captioned Fashion-MNIST faithfulness of {len(images)} samples from {args.samples}\n"
         + "\n".join(lines) + f"\n  written to {out}")

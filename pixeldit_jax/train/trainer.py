@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pixeldit_jax import checkpoint as ckpt_lib
-from pixeldit_jax import config_lib, data, images, sharding
+from pixeldit_jax import config_lib, data, fs, images, sharding
 from pixeldit_jax import sample as sample_lib
 from pixeldit_jax.model import abstract as abstract_model
 from pixeldit_jax.model.cost import forward_flops
@@ -64,7 +64,7 @@ class _StopFlag:
 
 
 def _grid_path(workdir: str, step: int) -> str:
-  return os.path.join(workdir, "samples", f"step_{step:08d}.png")
+  return fs.join(workdir, "samples", f"step_{step:08d}.png")
 
 
 def _sample_grid(sample_fn, params, config, mesh, rules, step: int, workdir: str, writer, cond):
@@ -91,7 +91,6 @@ def _sample_grid(sample_fn, params, config, mesh, rules, step: int, workdir: str
   grid = images.grid(out, rows)
   if jax.process_index() == 0:
     path = _grid_path(workdir, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     images.save_png(grid, path, scale=max(1, 256 // max(h, w)))
     writer.write_image(step, "samples/ema", grid if grid.shape[-1] == 3 else np.repeat(grid, 3, -1))
     return path
@@ -152,7 +151,7 @@ def _load_initial_weights(state, directory: str, state_shardings):
 
 def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
   """Train (or resume) the configured model in `workdir`. `max_steps` stops early (tests)."""
-  workdir = os.path.abspath(workdir)
+  workdir = fs.resolve(workdir)  # absolute when local; gs:// URLs stay URLs
   tcfg = config.train
   model_cfg = config_lib.model_config(config)
   is_main = jax.process_index() == 0
@@ -182,7 +181,7 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
 
   pipeline = data.build_text_image(config) if cond.text else data.build(config)
   data_iter = iter(pipeline)
-  checkpointer = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = ckpt_lib.TrainCheckpointer(fs.join(workdir, "checkpoints"),
                                             every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints)
   meta = {"model": model_cfg.to_dict(), "config": json.loads(config.to_json_best_effort()),
           "time_convention": "t2i_sigma" if cond.text else "c2i_t"}
@@ -283,7 +282,7 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
     bar.close()
     final_step = int(jax.device_get(state.step))
     # A finished run always ends with a grid (also when rerun and the grid is missing).
-    if final_step == tcfg.num_steps and tcfg.sample_rows and not os.path.exists(_grid_path(workdir, final_step)):
+    if final_step == tcfg.num_steps and tcfg.sample_rows and not fs.exists(_grid_path(workdir, final_step)):
       last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, final_step, workdir, writer, cond)
     checkpointer.wait()
     checkpointer.close()
