@@ -64,9 +64,8 @@ def check_model(config, workdir: str) -> dict:
                 devices=[str(d) for d in jax.devices()])
   if not (jnp.isfinite(loss) and grad_norm == grad_norm):
     raise FloatingPointError(f"Non-finite loss or gradient in the model check: {report}")
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "model_check.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  from pixeldit_jax import fs
+  fs.write_text(fs.join(workdir, "model_check.json"), json.dumps(report, indent=2))
   return report
 
 
