@@ -3,6 +3,8 @@
 Config files take a variant string after a colon, parsed big_vision style:
 ``configs/imagenet256_xl.py:size=L,runlocal`` -> ``get_config("size=L,runlocal")``. Bare words are
 booleans set to True. Command-line overrides use ``--config.model.dtype=bfloat16``.
+Outside the repository the shipped configs are found by name: ``--config=fashion_mnist.py:steps=20``
+(see ``resolve_config_path``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from typing import Any
+import re
+import sys
+from typing import Any, Optional, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -173,9 +177,68 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
 
 
+def packaged_configs_dir() -> Optional[str]:
+  """The shipped configs: the installed package pixeldit_jax.configs, or a source checkout's configs/."""
+  spec = importlib.util.find_spec("pixeldit_jax.configs")
+  if spec is not None and spec.submodule_search_locations:
+    return list(spec.submodule_search_locations)[0]
+  checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  return checkout if os.path.isdir(checkout) else None
+
+
+def resolve_config_path(spec: str) -> str:
+  """'path[:arg]' with a path that is not there but names a shipped config -> that file's path[:arg].
+
+  'fashion_mnist', 'fashion_mnist.py' and 'configs/fashion_mnist.py' all name the shipped
+  configs/fashion_mnist.py, so installed users need no checkout. An existing local file always
+  wins; any other spec is returned unchanged, to fail with the usual missing-file error.
+  """
+  path, sep, arg = spec.partition(":")
+  if not path or os.path.exists(path):
+    return spec
+  folder, name = os.path.split(os.path.normpath(path))
+  if folder not in ("", "configs"):
+    return spec
+  name = name if name.endswith(".py") else name + ".py"
+  directory = packaged_configs_dir()
+  if directory is None or name == "__init__.py" or not os.path.isfile(os.path.join(directory, name)):
+    return spec
+  return os.path.join(directory, name) + sep + arg
+
+
+def resolve_config_argv(argv: Sequence[str], flag: str = "config") -> list[str]:
+  """argv with the value of --<flag>=X / --<flag> X (one or two dashes) passed through resolve_config_path."""
+  out = list(argv)
+  i = 1
+  while i < len(out):
+    if out[i] == "--":  # absl stops parsing flags here
+      break
+    m = re.fullmatch(rf"(--?{re.escape(flag)}=)(.*)", out[i], re.DOTALL)
+    if m:
+      out[i] = m.group(1) + resolve_config_path(m.group(2))
+    elif out[i] in (f"-{flag}", f"--{flag}") and i + 1 < len(out):
+      out[i + 1] = resolve_config_path(out[i + 1])
+      i += 1
+    i += 1
+  return out
+
+
+def define_config_file(name: str, default: Optional[str], help_string: str):
+  """config_flags.DEFINE_config_file that also takes shipped config names (resolve_config_path).
+
+  Call it where the flags are defined, before app.run: it rewrites sys.argv in place, since
+  ml_collections reads the overrides of the config flag from sys.argv. A --config inside a
+  --flagfile is not resolved.
+  """
+  from ml_collections import config_flags  # noqa: PLC0415 - only the entry points need absl flags
+  sys.argv[:] = resolve_config_argv(sys.argv, name)
+  return config_flags.DEFINE_config_file(name, resolve_config_path(default) if default else None,
+                                         help_string)
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
-  """Load 'path/to/config.py[:variant]' outside absl flags (tests, notebooks, tools)."""
-  path, _, arg = spec.partition(":")
+  """Load 'path/to/config.py[:variant]' (or a shipped name) outside absl flags (tests, notebooks, tools)."""
+  path, _, arg = resolve_config_path(spec).partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No config file {path!r}")
   module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)

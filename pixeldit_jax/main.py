@@ -11,11 +11,12 @@ import os
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 def _define_flags():
   """Flags exist only when this module runs as the program (so modules can import each other)."""
-  config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Experiment config file.")
+  from pixeldit_jax import config_lib  # noqa: PLC0415 - also finds shipped configs by name
+  config_lib.define_config_file("config", "configs/fashion_mnist.py", "Experiment config file: a path "
+                                "or a shipped name (fashion_mnist.py:steps=20).")
   flags.DEFINE_string("workdir", "workdir/demo", "Where the run writes its outputs.")
   flags.DEFINE_bool("check_model", False, "Only check the model (forward + backward), no training.")
 

@@ -26,7 +26,6 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from pixeldit_jax import checkpoint as ckpt_lib
@@ -36,7 +35,9 @@ from pixeldit_jax.model import abstract as abstract_model
 
 def _define_flags():
   """Flags exist only when this module runs as the program (so modules can import each other)."""
-  config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Experiment config file.")
+  from pixeldit_jax import config_lib  # noqa: PLC0415 - also finds shipped configs by name
+  config_lib.define_config_file("config", "configs/fashion_mnist.py", "Experiment config file: a path "
+                                "or a shipped name (fashion_mnist.py:steps=20).")
   flags.DEFINE_string("workdir", None, "Training workdir: restores <workdir>/checkpoints.")
   flags.DEFINE_string("checkpoint", None, "A checkpoint directory (training or imported).")
   flags.DEFINE_string("out", None, "Output directory (default: <workdir or checkpoint>/samples_<settings>).")

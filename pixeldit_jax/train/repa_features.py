@@ -16,7 +16,6 @@ import os
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from pixeldit_jax import config_lib, fs
@@ -85,7 +84,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+  config_lib.define_config_file("config", None, "Experiment config file (a path or a shipped name).")
   flags.DEFINE_string("out", None, "Output .npy file.")
   flags.DEFINE_integer("batch_size", 64, "Teacher batch size.")
   flags.mark_flags_as_required(["config", "out"])
