@@ -1,5 +1,7 @@
 """Shared test utilities."""
 
+import os
+
 import jax
 import numpy as np
 import jax.numpy as jnp
@@ -44,3 +46,15 @@ def inputs(cfg: PixelDiTConfig, batch=2, height=16, width=24, seed=0):
 
 def max_abs(a, b) -> float:
   return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
+
+# Steps of the quickly trained Fashion-MNIST classifier shared by the tests (conftest fixture).
+FMNIST_QUICK_STEPS = 120
+
+
+def timeout(seconds: float) -> float:
+  """A subprocess timeout scaled by $PIXELDIT_TEST_TIMEOUT_SCALE (default 1) for slow or busy machines."""
+  scale = float(os.environ.get("PIXELDIT_TEST_TIMEOUT_SCALE") or 1.0)
+  if not scale > 0:
+    raise ValueError(f"PIXELDIT_TEST_TIMEOUT_SCALE must be positive, got {scale}")
+  return seconds * scale

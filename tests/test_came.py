@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from helpers import tiny
+from helpers import timeout, tiny
 from pixeldit_jax import config_lib
 from pixeldit_jax.model import abstract
 from pixeldit_jax.train import came, optimizer
@@ -290,7 +290,7 @@ def test_sharded_state_via_tree_map_params_on_4_devices():
   flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
   env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=timeout(300))
   assert out.returncode == 0, out.stderr[-4000:]
   got = json.loads(out.stdout.strip().splitlines()[-1])
   assert got["err"] < 1e-6

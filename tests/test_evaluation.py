@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import timeout
 from pixeldit_jax import evaluate as ev
 from pixeldit_jax.evaluation import inception as inc
 from pixeldit_jax.evaluation import metrics as m
@@ -573,12 +574,12 @@ def test_evaluate_cli_missing_weights_and_no_torch_import(random_net, tmp_path):
   env.pop(inc.WEIGHTS_ENV, None)
   proc = subprocess.run([sys.executable, "-m", "pixeldit_jax.evaluate", "--samples", samples, "--reference",
                          samples, "--inception", str(tmp_path / "missing.pth")],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout(120))
   assert proc.returncode == 2
   assert "pt_inception-2015-12-05-6726825d.pth" in proc.stderr and "--inception" in proc.stderr
   # Loading the converted .npz and importing the CLI never imports torch.
   code = ("import sys, pixeldit_jax.evaluate, pixeldit_jax.evaluation.inception as I;"
           f"I.read_weights({random_net['path']!r}); assert 'torch' not in sys.modules, 'torch imported'")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                        timeout=120)
+                        timeout=timeout(120))
   assert proc.returncode == 0, proc.stderr

@@ -1,7 +1,8 @@
 """The offline Fashion-MNIST metric: classifier training and caching, accuracy / Fréchet distance, CLI.
 
 The fast tests share one classifier trained for 120 steps (a quarter epoch, ~15-25 s on 2 CPU
-cores); the full training (>= 90% test accuracy, ~4 minutes) is the one slow test.
+cores; conftest's fmnist_quick_classifier); the full training (>= 90% test accuracy, ~4 minutes) is
+the one slow test. Without the Debian package they run on conftest's synthetic stand-in.
 """
 
 import json
@@ -11,26 +12,19 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import FMNIST_QUICK_STEPS as QUICK_STEPS, timeout
 
-from pixeldit_jax.data import fashion_mnist as fm_data
 from pixeldit_jax.data import load_fashion_mnist
 from pixeldit_jax.evaluation import fmnist
 from pixeldit_jax.evaluation import fmnist_classifier as clf_lib
 
-pytestmark = pytest.mark.skipif(not fm_data.fashion_mnist_available(split="test"),
-                                reason="Fashion-MNIST (apt-get install dataset-fashion-mnist) missing")
-
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-QUICK_STEPS = 120
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(fmnist_quick_classifier):
   """(classifier, cache_dir): trained for QUICK_STEPS through load_or_train's train-and-save path."""
-  cache_dir = str(tmp_path_factory.mktemp("fmnist_classifier"))
-  classifier = clf_lib.load_or_train(cache_dir, clf_lib.TrainSettings(max_steps=QUICK_STEPS),
-                                     progress=False)
-  return classifier, cache_dir
+  return fmnist_quick_classifier
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +157,7 @@ def test_cli_eval_end_to_end(quick, test_split, tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-m", "pixeldit_jax.evaluation.fmnist", "eval",
                          "--samples", str(npz), "--cache-dir", cache_dir],
-                        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+                        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=timeout(300))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "NOT FID" in proc.stdout and "fmnist_fd" in proc.stdout
   with open(tmp_path / "samples_fmnist.json") as f:

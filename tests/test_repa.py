@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import inputs, max_abs, perturb, tiny
+from helpers import inputs, max_abs, perturb, timeout, tiny
 from pixeldit_jax import config_lib
 from pixeldit_jax.model import layers, pixeldit
 from pixeldit_jax.train import repa
@@ -178,7 +178,7 @@ print(json.dumps({{"losses": out, "repa": repa_losses, "items": items, "change":
   repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
   env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-  res = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  res = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout(600))
   assert res.returncode == 0, res.stderr[-4000:]
   got = json.loads(res.stdout.strip().splitlines()[-1])
   one, eight = got["losses"]["(1, 1, 1)"], got["losses"]["(2, 2, 2)"]

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import timeout
 from pixeldit_jax import sample as sample_lib
 from pixeldit_jax.train import trainer
 from test_train import small_config
@@ -79,7 +80,7 @@ print(json.dumps(out))
 """
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout(600))
   assert res.returncode == 0, res.stderr[-3000:]
   paths = json.loads(res.stdout.strip().splitlines()[-1])
   one = sample_lib.run(sample_config(config, batch_size=8), os.path.join(workdir, "checkpoints"), str(tmp_path / "one"))

@@ -14,6 +14,7 @@ import textwrap
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from helpers import timeout
 from pixeldit_jax import sharding
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -43,7 +44,7 @@ def _run_8_devices(code: str) -> dict:
              PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   prog = "import json, sys\n" + textwrap.dedent(code)
   out = subprocess.run([sys.executable, "-c", prog], env=env, cwd=REPO, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=timeout(600))
   assert out.returncode == 0, out.stderr[-4000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -13,10 +13,7 @@ import pytest
 from PIL import Image
 
 from pixeldit_jax.data import buckets, captioned_fmnist as cf, fashion_mnist, text_image as ti
-from pixeldit_jax.evaluation import fmnist_classifier, t2i_fmnist
-
-HAVE_FMNIST = fashion_mnist.fashion_mnist_available(fashion_mnist.DEBIAN_DIR, "train")
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
+from pixeldit_jax.evaluation import t2i_fmnist
 
 
 def make_config(batch_size=4, image_size=(32, 32), seed=0, **data_kw):
@@ -298,7 +295,6 @@ def test_captions_and_heldout_set():
   assert all(cf.parse_caption(c)[1] != cf.parse_caption(c)[2] for c in held)
 
 
-@needs_fmnist
 def test_captioned_fmnist_is_deterministic_and_excludes_heldout():
   source = cf.CaptionedFashionMNIST("train", size=64, heldout=100)
   again = cf.CaptionedFashionMNIST("train", size=64, heldout=100)
@@ -342,7 +338,6 @@ def rendered():
   return np.stack([r["image"] for r in records]), [r["caption"] for r in records]
 
 
-@needs_fmnist
 def test_metric_position_and_colours_without_classifier(rendered, tmp_path):
   images, captions = rendered
   truth = t2i_fmnist.faithfulness(images, captions, classify=False)
@@ -362,13 +357,13 @@ def test_metric_position_and_colours_without_classifier(rendered, tmp_path):
     t2i_fmnist.faithfulness(images.astype(np.float32), captions, classify=False)
 
 
-@needs_fmnist
-@pytest.mark.skipif(not fmnist_classifier.is_cached(),
-                    reason="no cached Fashion-MNIST classifier (python -m pixeldit_jax.evaluation.fmnist train)")
-def test_metric_garment_check_with_the_cached_classifier(rendered):
+def test_metric_garment_check_with_a_trained_classifier(rendered, fmnist_quick_classifier):
   images, captions = rendered
-  classifier = fmnist_classifier.load()
+  classifier, _ = fmnist_quick_classifier  # the session's quickly trained one (conftest)
   truth = t2i_fmnist.faithfulness(images, captions, classifier)
-  assert truth["t2i_garment"] >= 0.85 and truth["t2i_all"] == truth["t2i_garment"]
+  # The garment check scores the classifier's accuracy on the drawn garments: 0.83 for the quick
+  # classifier on real Fashion-MNIST (test accuracy 0.84), >= 0.85 for the full one.
+  assert truth["t2i_garment"] >= min(0.85, classifier.test_accuracy - 0.05)
+  assert truth["t2i_all"] == truth["t2i_garment"]
   shuffled = [captions[i] for i in np.random.default_rng(0).permutation(len(captions))]
   assert t2i_fmnist.faithfulness(images, shuffled, classifier)["t2i_garment"] < 0.3

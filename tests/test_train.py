@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY
+from helpers import TINY, timeout
 from pixeldit_jax import config_lib
 from pixeldit_jax.diffusion import flow
 from pixeldit_jax.train import optimizer, trainer
@@ -145,11 +145,11 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
   proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 240
+  deadline = time.time() + timeout(240)
   while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=240)
+  out, _ = proc.communicate(timeout=timeout(240))
   assert proc.returncode == 0, out[-3000:]
   assert "Stopped by SIGTERM" in out
   steps = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
@@ -185,7 +185,7 @@ print(json.dumps({{"losses": out, "straight": straight, "moved": moved["losses"]
 """
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout(600))
   assert res.returncode == 0, res.stderr[-4000:]
   got = json.loads(res.stdout.strip().splitlines()[-1])
   one = got["losses"]["(1, 1, 1)"]
