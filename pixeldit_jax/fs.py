@@ -27,6 +27,14 @@ from etils import epath
 
 PathLike = Union[str, os.PathLike, epath.Path]
 
+try:
+  import fsspec.config
+  # Other processes and tensorstore (Orbax's arrays) write to the same bucket behind gcsfs's back:
+  # a cached listing would hide new checkpoint steps or sample parts. Listings are cheap; keep none.
+  fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+except ImportError:  # no fsspec: local paths only (or tf.io.gfile)
+  pass
+
 
 def is_remote(path: PathLike) -> bool:
   """True for URLs (``gs://``, ``s3://``...), False for local paths."""
@@ -103,8 +111,16 @@ def write_bytes(p: PathLike, data: bytes) -> None:
 
 
 def rename(src: PathLike, dst: PathLike) -> None:
-  """Rename a file or directory (on GCS a copy then delete: not atomic)."""
-  path(src).rename(path(dst))
+  """Rename a file or directory. Object stores have no rename: there it is a server-side copy of
+  every object, then a delete (not atomic). gcsfs's own move first tries an API that only
+  hierarchical buckets (and no emulator) have, retrying for half a minute."""
+  s, d = path(src), path(dst)
+  if not is_remote(src):
+    s.rename(d)
+    return
+  for f in (_walk_files(s) if s.is_dir() else [s]):
+    f.copy(d / os.path.relpath(os.fspath(f), os.fspath(s)) if f != s else d)
+  remove(s)
 
 
 def remove(p: PathLike) -> None:
@@ -160,6 +176,15 @@ def local_file(p: PathLike) -> str:
   return dest
 
 
+def _walk_files(top: epath.Path) -> Iterator[epath.Path]:
+  """Every file under `top` (epath's rglob refuses '**' on GCS)."""
+  for child in top.iterdir():
+    if child.is_dir():
+      yield from _walk_files(child)
+    else:
+      yield child
+
+
 def local_dir(p: PathLike) -> str:
   """Like `local_file` for a directory (e.g. a Hugging Face model folder), copied whole."""
   if not is_remote(p):
@@ -167,9 +192,7 @@ def local_dir(p: PathLike) -> str:
   fp = path(p)
   key = hashlib.sha256(os.fspath(fp).encode()).hexdigest()[:16]
   dest = os.path.join(cache_dir(), "remote", key, fp.name)
-  for src in fp.rglob("*"):
-    if src.is_dir():
-      continue
+  for src in _walk_files(fp):
     rel = os.path.relpath(os.fspath(src), os.fspath(fp))
     target = os.path.join(dest, rel)
     size = src.stat().length
@@ -236,7 +259,12 @@ def load_npz(p: PathLike):
 
 
 def use_gcs_emulator(endpoint: str) -> None:
-  """Point gcsfs, google-cloud-storage and tensorstore (Orbax's arrays) at a GCS emulator."""
+  """Point gcsfs, google-cloud-storage and tensorstore (Orbax's arrays) at a GCS emulator.
+
+  Call it before the first gs:// access: gcsfs reads its switches when first imported. Its
+  hierarchical-namespace probe asks a control-plane API that emulators lack, so it is turned off.
+  """
   os.environ["STORAGE_EMULATOR_HOST"] = endpoint
   os.environ["TENSORSTORE_GCS_HTTP_URL"] = endpoint
+  os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 

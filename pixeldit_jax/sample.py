@@ -190,7 +190,9 @@ def run(config, checkpoint_dir: str, out_dir: str, step=None) -> dict:
         {"checkpoint": fs.resolve(checkpoint_dir), "step": step, "image_size": [h, w],
          "total": total, **s.to_dict()}, indent=1, default=str))
   multihost_utils.sync_global_devices("sample_start")
-  done = {int(n[5:12]) for n in fs.listdir(parts_dir) if n.startswith("part_") and n.endswith(".npz")}
+  # Object stores have no empty directories: no parts yet may mean no parts_dir at all.
+  names = fs.listdir(parts_dir) if fs.isdir(parts_dir) else []
+  done = {int(n[5:12]) for n in names if n.startswith("part_") and n.endswith(".npz")}
 
   batch_sharding = sharding.batch_sharding(mesh, rules, 1)
   fn = jax.jit(make_sample_batch(graphdef, s, (h, w, model_cfg.in_channels), model_cfg.num_classes),
