@@ -17,15 +17,12 @@ import time
 import numpy as np
 import pytest
 
+from helpers import timeout
 from pixeldit_jax import config_lib, fs
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BUCKET = "pixeldit-test"
 _EMULATOR_ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
-
-
-def timeout(seconds: float) -> float:
-  return seconds * float(os.environ.get("PIXELDIT_TEST_TIMEOUT_SCALE", "1"))
 
 
 def _free_port() -> int:
