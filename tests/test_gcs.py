@@ -171,3 +171,42 @@ def test_train_kill_resume_sample_evaluate_on_the_bucket(bucket, tmp_path):
 def jax_cache_dir() -> str:
   import jax
   return jax.config.jax_compilation_cache_dir or os.path.join(REPO, ".jax_cache")
+
+
+def test_importer_text_cache_and_feature_table_on_the_bucket(bucket, tmp_path):
+  """The other user paths that may name gs://: the importer's --checkpoint and --out, a text
+  embedding cache (built, then read memory-mapped through the local cache) and a REPA table."""
+  from safetensors.numpy import save as save_safetensors
+
+  from pixeldit_jax import checkpoint as ckpt_lib
+  from pixeldit_jax.text import cache as cache_lib
+  from pixeldit_jax.text.encoders import make_encoder, text_config_defaults
+  from pixeldit_jax.tools import import_official
+  from pixeldit_jax.train.repa_features import FeatureTable
+  from test_import_official import CONFIGS, assert_same_params, export_official, random_params
+
+  root = f"{bucket}/paths"
+  cfg = CONFIGS[sorted(CONFIGS)[0]]
+  params = random_params(cfg, 3)
+  fs.write_bytes(f"{root}/official.safetensors", save_safetensors(export_official(params, cfg)))
+  assert import_official.main(["--checkpoint", f"{root}/official.safetensors", "--out", f"{root}/imported"]) == 0
+  model, meta = ckpt_lib.load_model(f"{root}/imported")
+  assert meta["source"]["checkpoint"] == f"{root}/official.safetensors"
+  assert_same_params(ckpt_lib.param_dict(model), params)
+
+  captions = ["a red bicycle", "snow", "two dogs"]
+  fs.write_text(f"{root}/captions.txt", "\n".join(captions) + "\n")
+  assert cache_lib.main([f"--captions={root}/captions.txt", f"--out={root}/text_cache", "--max_length=8"]) == 0
+  assert fs.isfile(f"{root}/text_cache/meta.json")
+  cfg_text = text_config_defaults()
+  cfg_text.max_length, cfg_text.cache = 8, f"{root}/text_cache"
+  emb, mask = cache_lib.load_cache(cfg_text).lookup(["snow", "a red bicycle"])
+  ref, ref_mask = make_encoder(cfg_text).encode(["snow", "a red bicycle"])
+  np.testing.assert_allclose(emb, ref, atol=2e-3, rtol=2e-3)
+  np.testing.assert_array_equal(mask, ref_mask)
+
+  table = np.random.default_rng(0).standard_normal((5, 4, 3)).astype(np.float16)
+  np.save(tmp_path / "feats.npy", table)
+  fs.write_bytes(f"{root}/feats.npy", (tmp_path / "feats.npy").read_bytes())
+  np.testing.assert_array_equal(FeatureTable(f"{root}/feats.npy", 4, 3)(np.array([4, 0])),
+                                table[[4, 0]].astype(np.float32))
