@@ -7,6 +7,7 @@ patch blocks with RoPE, RMSNorm and SwiGLU, and PiT blocks with pixel-wise AdaLN
 compaction. It is sized and scheduled to train in under 10 minutes on 2 CPU cores and then write
 a 10x10 class-conditional grid of EMA samples (one row per class) to workdir/demo/samples/.
 Data: the Debian package dataset-fashion-mnist (make demo installs it when it can).
+`:smoke` runs the same job for 20 steps (a check that everything runs); `:steps=N` sets the length.
 """
 
 from pixeldit_jax import config_lib
@@ -14,7 +15,7 @@ from pixeldit_jax.model import PixelDiTConfig
 
 
 def get_config(arg=None):
-  v = config_lib.parse_variant(arg, steps=1500)
+  v = config_lib.parse_variant(arg, steps=1500, smoke=False)
   c = config_lib.base_config()
   c.image_size = (28, 28)
   c.model = config_lib.model_dict(PixelDiTConfig(
@@ -25,7 +26,7 @@ def get_config(arg=None):
   c.data.source = "fashion_mnist"
   c.data.num_workers = 0
   t = c.train
-  t.num_steps = v.steps
+  t.num_steps = 20 if v.smoke else v.steps
   # A small model on few steps learns faster with a larger LR than the paper's 1e-4, and needs
   # an EMA that warms up.
   t.lr, t.warmup_steps, t.grad_clip = 1.5e-3, 100, 1.0

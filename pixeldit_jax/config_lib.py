@@ -80,6 +80,12 @@ def train_defaults() -> ml_collections.ConfigDict:
       sample_every=10_000, sample_steps=50, sample_cfg_scale=3.0, sample_cfg_interval=(0.1, 1.0),
       sample_rows=10, sample_per_row=10, sample_seed=0,
       peak_tflops=config_dict.placeholder(float),  # per device, for MFU; None: look up the device
+      # A jax.profiler trace of num_steps steps (0: off), from when start_step steps are done,
+      # into <workdir>/profile/ (TensorBoard's Profile tab).
+      profile=ml_collections.ConfigDict(dict(start_step=10, num_steps=0)),
+      # TensorBoard writer: "auto" (clu.metric_writers where TensorFlow imports, else
+      # tensorboardX), "clu" or "tensorboardx".
+      metric_writer="auto",
   ))
 
 
@@ -146,6 +152,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = config.batch_size if key == "batch_size" else t[key]
     if value <= 0:
       errors.append(f"{key} must be positive, got {value}")
+  if t.get("metric_writer", "auto") not in ("auto", "clu", "tensorboardx"):
+    errors.append(f"train.metric_writer must be 'auto', 'clu' or 'tensorboardx', got {t.metric_writer!r}")
+  if t.get("profile") is not None and (t.profile.num_steps < 0 or t.profile.start_step < 0):
+    errors.append("train.profile.start_step and train.profile.num_steps must be >= 0")
   if not 0.0 <= t.ema_decay < 1.0:
     errors.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
   from pixeldit_jax.diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS  # noqa: PLC0415

@@ -72,9 +72,24 @@ def check_model(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  from pixeldit_jax import config_lib, sharding
-  sharding.maybe_initialize_distributed()
+  import jax
+  from pixeldit_jax import logs, sharding
+
+  def process_index():
+    sharding.maybe_initialize_distributed()  # before anything else starts the backends
+    return jax.process_index()
+
   f = flags.FLAGS
+  # Library INFO (Orbax, jax, grain...) goes to <workdir>/log.txt; --verbosity=0 shows it here too.
+  logs.setup(f.workdir, process_index=process_index)
+  try:
+    _run(f)
+  finally:
+    logs.close()
+
+
+def _run(f):
+  from pixeldit_jax import config_lib, logs
   config = f.config
   config_lib.validate(config)
   if f.check_model:
@@ -88,11 +103,12 @@ def main(argv):
   from pixeldit_jax.train import trainer
   start = time.perf_counter()
   summary = trainer.train(config, f.workdir)
-  losses = summary["losses"]
-  last = f"; last loss {losses[max(losses)]:.4f}" if losses else ""
-  print(f"Trained steps {summary['start_step']} -> {summary['step']} in {time.perf_counter() - start:.0f} s"
-        f"{last}. Workdir: {summary['workdir']}"
-        + (f"; samples: {summary['last_sample']}" if summary["last_sample"] else ""))
+  # The same loss as the bar and metrics.jsonl: the mean over the last log interval.
+  loss = f"; loss {summary['loss']:.4f} (last log interval's mean)" if summary["loss"] is not None else ""
+  compile_s = f" (compile {summary['compile_s']:.0f} s)" if summary["compile_s"] is not None else ""
+  logs.console(f"Trained steps {summary['start_step']} -> {summary['step']} in "
+               f"{time.perf_counter() - start:.0f} s{compile_s}{loss}. Workdir: {summary['workdir']}"
+               + (f"; samples: {summary['last_sample']}" if summary["last_sample"] else ""))
 
 
 if __name__ == "__main__":

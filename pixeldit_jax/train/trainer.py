@@ -19,17 +19,19 @@ from typing import Optional
 import jax
 import ml_collections
 import numpy as np
+from clu import parameter_overview
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pixeldit_jax import checkpoint as ckpt_lib
-from pixeldit_jax import config_lib, data, fs, images, sharding
+from pixeldit_jax import config_lib, data, fs, images, logs, sharding
 from pixeldit_jax import sample as sample_lib
 from pixeldit_jax.model import abstract as abstract_model
 from pixeldit_jax.model.cost import forward_flops
 from pixeldit_jax.train import metrics as metrics_lib
 from pixeldit_jax.train import optimizer as optimizer_lib
+from pixeldit_jax.train import profiling
 from pixeldit_jax.train import conditioning as conditioning_lib
 from pixeldit_jax.train import repa as repa_lib
 from pixeldit_jax.train import state as state_lib
@@ -92,7 +94,7 @@ def _sample_grid(sample_fn, params, config, mesh, rules, step: int, workdir: str
   if jax.process_index() == 0:
     path = _grid_path(workdir, step)
     images.save_png(grid, path, scale=max(1, 256 // max(h, w)))
-    writer.write_image(step, "samples/ema", grid if grid.shape[-1] == 3 else np.repeat(grid, 3, -1))
+    writer.write_images(step, {"samples/ema": grid})
     return path
   return None
 
@@ -147,6 +149,39 @@ def _load_initial_weights(state, directory: str, state_shardings):
   logging.info("Initial weights from %s (%s%s)", directory, item,
                ", REPA projector" if projector is not state.projector else "")
   return state.replace(params=params, ema_params=ema, projector=projector)
+
+
+def _interval_line(done: int, total: int, scalars: dict) -> str:
+  """The console's one line per log interval."""
+  line = (f"step {done}/{total}: loss {scalars['loss']:.4f}, grad norm {scalars['grad_norm']:.3g}, "
+          f"lr {scalars['learning_rate']:.3g}, {scalars['images_per_s']:.1f} img/s, "
+          f"{scalars['tflops_per_device']:.3g} TFLOP/s/device")
+  if "mfu" in scalars:
+    line += f", MFU {100 * scalars['mfu']:.1f}%"
+  if scalars.get("skipped_updates"):
+    line += f", {scalars['skipped_updates']:.0f} updates skipped"
+  return line
+
+
+def _report_start(config, model_cfg, params, mesh, workdir: str, start_step: int, end_step: int,
+                  writer) -> None:
+  """The parameter table to the log file; a few summary lines to the console; the config to
+  TensorBoard (hparams and JSON text)."""
+  logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(params, include_stats=False))
+  h, w = config.image_size
+  total = parameter_overview.count_parameters(params)
+  gflops = forward_flops(model_cfg, h, w)["total"] / 1e9
+  blocks = f"{model_cfg.patch_depth} patch + {model_cfg.pixel_depth} pixel blocks"
+  logs.console("PixelDiT %.2f M parameters (hidden %d, %s, patch %d), %dx%dx%d images, %.3g GFLOPs "
+               "per image", total / 1e6, model_cfg.hidden_size, blocks, model_cfg.patch_size, h, w,
+               model_cfg.in_channels, gflops)
+  devices = jax.devices()
+  logs.console("Mesh %s over %d %s device(s), %d process(es); global batch %d; steps %d -> %d of %d",
+               " ".join(f"{k}={v}" for k, v in mesh.shape.items()), len(devices),
+               devices[0].platform, jax.process_count(), config.batch_size, start_step, end_step,
+               config.train.num_steps)
+  logs.console("Workdir %s (log: %s; TensorBoard via %s)", workdir, logs.path() or "-", writer.backend)
+  writer.write_config(config, start_step)
 
 
 def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
@@ -222,26 +257,49 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
     h, w = config.image_size
     step_flops = 3 * config.batch_size * forward_flops(model_cfg, h, w)["total"]
     peak = metrics_lib.device_peak_tflops(tcfg.peak_tflops)
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     start_step = int(jax.device_get(state.step))
     end_step = tcfg.num_steps if max_steps is None else min(tcfg.num_steps, start_step + max_steps)
-    losses, pending, last_sample = {}, [], None
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, backend=tcfg.get("metric_writer", "auto"))
+    if is_main:
+      _report_start(config, model_cfg, target.params, mesh, workdir, start_step, end_step, writer)
+    pcfg = tcfg.get("profile") or {}
+    profiler = profiling.StepProfiler(workdir, pcfg.get("start_step", 0), pcfg.get("num_steps", 0),
+                                      start_step, enabled=is_main)
+    actions = metrics_lib.clu_periodic_actions() if is_main else None
+    report_progress = actions and actions.ReportProgress(
+        num_train_steps=tcfg.num_steps, every_steps=tcfg.log_every, every_secs=None)
+    losses, pending, last_sample, summary_loss, compile_s = {}, [], None, None, None
+    compiled_step, first_scalars = None, {}
     bar = tqdm(total=tcfg.num_steps, initial=start_step, disable=not is_main, desc="train",
                dynamic_ncols=True, smoothing=0.1)
-    t_log, steps_since_log = time.perf_counter(), 0
+    steps_since_log = 0
     stopped_by = None
     with _StopFlag() as flag:
+      profiler(start_step)
       for step in range(start_step, end_step):
         local = next(data_iter)
         host = cond.prepare(local)
         if feature_table is not None:
           host["repa_target"] = feature_table(local["index"])
         batch = sharding.global_batch(host, mesh, rules)
-        state, m = train_step(state, batch, frozen)
+        if compiled_step is None:
+          # Compiled ahead of time and timed on its own, so that throughput never includes it.
+          t0 = time.perf_counter()
+          compiled_step = train_step.lower(state, batch, frozen).compile()
+          compile_s = time.perf_counter() - t0
+          first_scalars = {"compile_s": compile_s}  # logged with the run's first interval
+          if is_main:
+            logs.console("Compiled the train step in %.1f s", compile_s)
+          bar.unpause()  # the bar's rate and ETA leave the compile out too
+          t_log = time.perf_counter()
+        state, m = compiled_step(state, batch, frozen)
         pending.append((step, m))
         steps_since_log += 1
         done = step + 1
         bar.update(1)
+        profiler(done, m)
+        if report_progress:
+          report_progress(done)
         if done % tcfg.log_every == 0 or done == end_step:
           fetched = jax.device_get([(s, mm) for s, mm in pending])
           pending = []
@@ -250,44 +308,60 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
             losses[s] = float(mm["loss"])
           last = fetched[-1][1]
           nonfinite_step = int(jax.device_get(state.nonfinite_step))
-          scalars = {k: float(np.mean([mm[k] for _, mm in fetched])) for k in
-                     ("loss", "flow_loss", "grad_norm", "param_norm", "learning_rate")}
-          if teacher is not None:
-            scalars["repa_loss"] = float(np.mean([mm["repa_loss"] for _, mm in fetched]))
+          scalars = metrics_lib.reduce_steps([mm for _, mm in fetched], repa=teacher is not None)
           scalars.update(
-              data_skipped=float(sum(mm["data_skipped"] for _, mm in fetched)),
-              data_converted=float(sum(mm["data_converted"] for _, mm in fetched)),
               skipped_updates=float(jax.device_get(state.skipped_updates)),
               steps_per_s=steps_since_log / elapsed,
               images_per_s=steps_since_log * config.batch_size / elapsed,
               tflops_per_device=steps_since_log * step_flops / elapsed / 1e12 / jax.device_count())
           if peak:
             scalars["mfu"] = scalars["tflops_per_device"] / peak
+          scalars.update(first_scalars)
+          first_scalars = {}
           writer.write_scalars(done, scalars)
-          bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
+          writer.flush()
+          logs.flush()
+          summary_loss = scalars["loss"]
+          bar.set_postfix(loss=f"{summary_loss:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
+          if is_main:
+            logs.console(_interval_line(done, tcfg.num_steps, scalars))
           t_log, steps_since_log = time.perf_counter(), 0
           if nonfinite_step >= 0 and tcfg.nonfinite_policy == "stop":
             checkpointer.wait()
+            profiler.close()
+            writer.close()
             raise NonFiniteError(
                 f"Non-finite loss or gradient at step {nonfinite_step} (loss {last['loss']}, grad "
                 f"norm {last['grad_norm']}); the update was not applied and the run stopped. Set "
                 "config.train.nonfinite_policy='skip' to skip such updates and continue.")
         if tcfg.sample_every and done % tcfg.sample_every == 0 and done != tcfg.num_steps:
+          t0 = time.perf_counter()
           last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, done, workdir, writer, cond)
+          t_log += time.perf_counter() - t0  # not part of the interval's throughput
+          bar.unpause()
+          if is_main:
+            logs.console("step %d: sample grid %s (%.0f s)", done, last_sample, time.perf_counter() - t0)
         checkpointer.save(state, data_iter, {**meta, "step": done}, done, force=done == tcfg.num_steps)
         if flag.stop or checkpointer.reached_preemption(done):
           stopped_by = "SIGTERM" if flag.stop else "preemption"
           checkpointer.save(state, data_iter, {**meta, "step": done}, done, force=True)
           break
     bar.close()
+    profiler.close()
     final_step = int(jax.device_get(state.step))
     # A finished run always ends with a grid (also when rerun and the grid is missing).
     if final_step == tcfg.num_steps and tcfg.sample_rows and not fs.exists(_grid_path(workdir, final_step)):
+      if is_main:
+        rows = cond.num_classes if not cond.text else len(conditioning_lib.sample_prompts(config))
+        logs.console("Sampling the final %dx%d grid (%d steps)...", min(rows, tcfg.sample_rows),
+                     tcfg.sample_per_row, tcfg.sample_steps)
       last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, final_step, workdir, writer, cond)
-    checkpointer.wait()
+    with logs.after(5.0, "Waiting for the last checkpoint to be written..."):
+      checkpointer.wait()
     checkpointer.close()
     writer.close()
   if stopped_by:
     logging.warning("Stopped by %s at step %d; the checkpoint is saved, rerun to resume.", stopped_by, final_step)
-  return dict(start_step=start_step, step=final_step, losses=losses, stopped_by=stopped_by,
-              last_sample=last_sample, workdir=workdir)
+  # `loss` is the last log interval's mean, the figure of the bar and of metrics.jsonl.
+  return dict(start_step=start_step, step=final_step, losses=losses, loss=summary_loss,
+              compile_s=compile_s, stopped_by=stopped_by, last_sample=last_sample, workdir=workdir)
