@@ -184,7 +184,7 @@ def test_profiler_traces_the_configured_steps(tmp_path):
   assert not os.path.exists(tmp_path / "off" / "profile")
 
 
-def test_compile_is_timed_apart_from_throughput(tmp_path, monkeypatch):
+def test_compile_is_timed_apart_from_throughput_and_profiles(tmp_path, monkeypatch):
   from test_train import small_config
   from pixeldit_jax.train import trainer
   compile_fn = jax.stages.Lowered.compile
@@ -194,12 +194,15 @@ def test_compile_is_timed_apart_from_throughput(tmp_path, monkeypatch):
     return compile_fn(self, *a, **k)
 
   monkeypatch.setattr(jax.stages.Lowered, "compile", slow_compile)
-  summary = trainer.train(small_config(num_steps=2, log_every=2), str(tmp_path))
+  config = small_config(num_steps=2, log_every=2)
+  config.train.profile.update(start_step=0, num_steps=1)  # from the very first step
+  summary = trainer.train(config, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert summary["compile_s"] >= 2.0 and lines[0]["compile_s"] == pytest.approx(summary["compile_s"])
   # The interval's 2 steps took far less than the compile: the throughput leaves it out.
   assert 2 * 8 / lines[0]["images_per_s"] < 1.5
   assert summary["loss"] == pytest.approx(lines[-1]["loss"])  # the one "loss" figure
+  assert _trace_files(tmp_path / "profile")
 
 
 # ----------------------------------------------------------------------------- gs:// workdirs

@@ -275,7 +275,6 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
     steps_since_log = 0
     stopped_by = None
     with _StopFlag() as flag:
-      profiler(start_step)
       for step in range(start_step, end_step):
         local = next(data_iter)
         host = cond.prepare(local)
@@ -291,6 +290,7 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
           if is_main:
             logs.console("Compiled the train step in %.1f s", compile_s)
           bar.unpause()  # the bar's rate and ETA leave the compile out too
+          profiler(start_step)  # a trace from the first step starts after the compile
           t_log = time.perf_counter()
         state, m = compiled_step(state, batch, frozen)
         pending.append((step, m))
