@@ -113,10 +113,10 @@ def _flag_level() -> Optional[int]:
 class RunLog:
   """The active setup: its handlers, and the log file (uploaded on flush/close when remote)."""
 
-  def __init__(self, target: str, local: str, handlers: list, quieted: list):
+  def __init__(self, target: str, local: str, handlers: list, quieted: list, root_level: int):
     self.path, self._local = target, local
     self.remote = fs.is_remote(target)
-    self._handlers, self._quieted = handlers, quieted
+    self._handlers, self._quieted, self._root_level = handlers, quieted, root_level
     self._uploaded = 0.0
 
   def flush(self, force: bool = False) -> None:
@@ -137,6 +137,8 @@ class RunLog:
       h.close()
     for handler, f in self._quieted:
       handler.removeFilter(f)
+    root.setLevel(self._root_level)  # as it was before setup (tests, notebooks)
+    logging.captureWarnings(False)
     if self.remote:
       os.remove(self._local)
     if _active is self:
@@ -160,6 +162,7 @@ def setup(workdir: str, process_index: Union[int, Callable[[], int]] = 0,
     # C++ INFO lines of XLA / TensorFlow go straight to stderr; keep their warnings and errors.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   root = logging.getLogger()
+  root_level = root.level
   # The file gets INFO even when --verbosity asks the console for less.
   root.setLevel(min(level if level is not None else logging.INFO, logging.INFO))
   logging.captureWarnings(True)  # library warnings.warn(...) -> the file, not the console
@@ -204,7 +207,7 @@ def setup(workdir: str, process_index: Union[int, Callable[[], int]] = 0,
   early.setTarget(file_handler)
   early.close()  # flushes the held records into the file
   root.addHandler(file_handler)
-  _active = RunLog(target, local, [file_handler, others, plain], quieted)
+  _active = RunLog(target, local, [file_handler, others, plain], quieted, root_level)
   return _active
 
 
