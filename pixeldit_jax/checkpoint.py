@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_keep
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as ocp_save
 
-from pixeldit_jax import fs
+from pixeldit_jax import cli, fs
 from pixeldit_jax.model import PixelDiTConfig, PixelDiT
 from pixeldit_jax.model import pixeldit as pixeldit_lib
 
@@ -45,6 +45,13 @@ class CheckpointError(RuntimeError):
 
 class RunMismatchError(CheckpointError):
   """The checkpoint is readable but belongs to a differently configured run."""
+
+
+class NoReadableCheckpointError(CheckpointError):
+  """A training workdir has checkpoints, but none of them restores."""
+
+
+cli.register(CheckpointError)  # entry points print these as one `error:` line
 
 
 def _manager(directory: str, create: bool) -> ocp.CheckpointManager:

@@ -111,6 +111,20 @@ def _run(f):
                + (f"; samples: {summary['last_sample']}" if summary["last_sample"] else ""))
 
 
+def _disk_hint(e: BaseException):
+  """For a failed write: the newest checkpoint step on disk, so the user knows what survives."""
+  from pixeldit_jax import cli, fs  # noqa: PLC0415
+  if cli.disk_problem(e) is None:
+    return None
+  ckpt = fs.join(flags.FLAGS.workdir, "checkpoints")
+  try:
+    steps = [int(n) for n in fs.listdir(ckpt) if n.isdigit()] if fs.isdir(ckpt) else []
+  except Exception:  # noqa: BLE001 - the disk itself may be what fails
+    steps = []
+  where = f"last good checkpoint: step {max(steps)} in {ckpt}" if steps else f"no checkpoint in {ckpt} yet"
+  return f"{where}; free space or use another --workdir, then rerun to resume"
+
+
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  from pixeldit_jax import cli
+  cli.run_absl(main, _define_flags, hint=_disk_hint)

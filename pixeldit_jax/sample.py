@@ -254,7 +254,8 @@ def main(argv):
   config = f.config
   config_lib.validate(config)
   if bool(f.workdir) == bool(f.checkpoint):
-    raise app.UsageError("Give exactly one of --workdir (a training run) or --checkpoint (a checkpoint dir).")
+    from pixeldit_jax.cli import UserError  # noqa: PLC0415
+    raise UserError("give exactly one of --workdir (a training run) or --checkpoint (a checkpoint directory)")
   ckpt_dir = fs.resolve(f.checkpoint or fs.join(f.workdir, "checkpoints"))
   out_dir = fs.resolve(f.out or fs.join(f.workdir or f.checkpoint,
                                         "samples_" + settings_tag(config.sample)))
@@ -269,5 +270,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  from pixeldit_jax import cli
+  cli.run_absl(main, _define_flags)

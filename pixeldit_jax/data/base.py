@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from pixeldit_jax import cli
+
 
 class DataNotFoundError(FileNotFoundError):
   """The configured data set is not on this machine; the message says how to get it."""
@@ -25,6 +27,9 @@ class DataNotFoundError(FileNotFoundError):
 
 class UnreadableDataError(RuntimeError):
   """No readable example could be found near a requested index (a broken data set)."""
+
+
+cli.register(UnreadableDataError)  # entry points print it as one `error:` line
 
 
 class ImageSource(Protocol):

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pixeldit_jax import checkpoint as ckpt_lib
-from pixeldit_jax import config_lib, data, fs, images, logs, sharding
+from pixeldit_jax import cli, config_lib, data, fs, images, logs, sharding
 from pixeldit_jax import sample as sample_lib
 from pixeldit_jax.model import abstract as abstract_model
 from pixeldit_jax.model.cost import forward_flops
@@ -40,6 +40,9 @@ from pixeldit_jax.train import step as step_lib
 
 class NonFiniteError(FloatingPointError):
   pass
+
+
+cli.register(NonFiniteError)  # entry points print it as one `error:` line
 
 
 class _StopFlag:
