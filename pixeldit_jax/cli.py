@@ -11,6 +11,7 @@ fix, not a traceback. The traceback is still there for bugs, and for expected er
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import errno
 import os
@@ -210,3 +211,30 @@ def run_absl(main: Callable[[Sequence[str]], Optional[int]], define_flags: Calla
     sys.exit(0)
   argv = list(sys.argv)
   app.run(lambda args: guard(lambda: main(args), argv, hint), flags_parser=_parse_flags)
+
+
+# ----------------------------------------------------------------------------- argparse entry points
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with the project's flag style: every long option answers to both spellings
+  (`--batch_size` and `--batch-size`; absl's underscores are the documented ones), `--debug`
+  for tracebacks, and a usage error as one `error:` line with exit code 2."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    super().add_argument("--debug", action="store_true",
+                         help=f"show tracebacks of expected errors too (or set {DEBUG_ENV}=1)")
+
+  def add_argument(self, *names, **kwargs):
+    spelled = []
+    for n in names:  # the underscore spelling first: it is the one --help shows first
+      alts = ("--" + n[2:].replace("-", "_"), "--" + n[2:].replace("_", "-")) if n.startswith("--") else (n,)
+      spelled += [a for a in alts if a not in spelled]
+    if spelled[0].startswith("--") and "dest" not in kwargs:
+      kwargs["dest"] = spelled[0][2:].replace("-", "_")
+    return super().add_argument(*spelled, **kwargs)
+
+  def error(self, message: str):
+    print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+    sys.exit(EXIT_ERROR)

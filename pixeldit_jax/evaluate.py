@@ -21,7 +21,6 @@ never downloaded: see ``pixeldit_jax.evaluation.inception.WEIGHTS_HELP``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
-from pixeldit_jax import fs
+from pixeldit_jax import cli, fs
 
 ALL_METRICS = ("fid", "sfid", "is", "precision", "recall")
 _ALIASES = {"inception_score": "is", "isc": "is", "pr": "precision,recall", "all": ",".join(ALL_METRICS)}
@@ -261,7 +260,7 @@ def format_table(report: Dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m pixeldit_jax.evaluate", description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(prog="python -m pixeldit_jax.evaluate", description=__doc__.split("\n\n")[0])
   parser.add_argument("--samples", required=True, help="sample batch .npz (uint8 NHWC arr_0)")
   parser.add_argument("--reference", required=True,
                       help="reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s), "
@@ -307,4 +306,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.guard(main))

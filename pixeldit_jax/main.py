@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 def _define_flags():
   """Flags exist only when this module runs as the program (so modules can import each other)."""

@@ -176,11 +176,19 @@ def write_caption_files(out_dir: str, heldout: int = DEFAULT_HELDOUT, path: Opti
   return files
 
 
-if __name__ == "__main__":
-  import argparse  # noqa: PLC0415
-  ap = argparse.ArgumentParser(description="Write the captioned Fashion-MNIST caption lists.")
+def main(argv=None) -> int:
+  from pixeldit_jax import cli  # noqa: PLC0415
+  ap = cli.ArgumentParser(prog="python -m pixeldit_jax.data.captioned_fmnist",
+                          description="Write the captioned Fashion-MNIST caption lists.")
   ap.add_argument("--out", required=True, help="directory for captions.txt and heldout.txt")
   ap.add_argument("--heldout", type=int, default=DEFAULT_HELDOUT)
   ap.add_argument("--path", default=None, help="Fashion-MNIST directory (default: the Debian package)")
-  a = ap.parse_args()
+  a = ap.parse_args(argv)
   print(write_caption_files(a.out, a.heldout, a.path))
+  return 0
+
+
+if __name__ == "__main__":
+  import sys  # noqa: PLC0415
+  from pixeldit_jax import cli  # noqa: PLC0415
+  sys.exit(cli.guard(main))

@@ -15,7 +15,6 @@ tests/conftest.py writes it and sets that variable when the Debian package is no
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import os
 import shutil
@@ -23,6 +22,8 @@ import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
+
+from pixeldit_jax import cli
 
 SIZE = 28
 SPLITS = {"train": ("train", 60_000, 0), "test": ("t10k", 10_000, 1)}  # prefix, count, seed offset
@@ -164,7 +165,7 @@ def write(directory: str, seed: int = 0) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="directory for the four IDX .gz files")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
@@ -174,4 +175,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  raise SystemExit(cli.guard(main))

@@ -30,7 +30,6 @@ not cached, prints both numbers and writes them to ``<samples stem>_fmnist.json`
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pixeldit_jax import fs
+from pixeldit_jax import cli, fs
 from pixeldit_jax.data import load_fashion_mnist
 from pixeldit_jax.evaluation import fmnist_classifier as clf_lib
 from pixeldit_jax.evaluation.fmnist_classifier import (Classifier, TrainSettings, default_cache_dir,
@@ -189,7 +188,7 @@ def _eval_cmd(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m pixeldit_jax.evaluation.fmnist",
+  parser = cli.ArgumentParser(prog="python -m pixeldit_jax.evaluation.fmnist",
                                    description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="train the classifier on the official train split and cache it")
@@ -215,4 +214,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.guard(main))

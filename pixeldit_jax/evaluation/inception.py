@@ -40,7 +40,6 @@ TF32/bfloat16 passes.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -51,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixeldit_jax import fs
+from pixeldit_jax import cli, fs
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -515,7 +514,7 @@ class FeatureExtractor:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m pixeldit_jax.evaluation.inception",
       description="Convert pytorch-fid's InceptionV3 weights (.pth, needs torch) to a torch-free "
                   ".npz, or check a weights file.")
@@ -541,4 +540,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.guard(main))

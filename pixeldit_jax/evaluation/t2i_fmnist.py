@@ -27,7 +27,6 @@ reads uint8 ``arr_0`` (N, S, S, 3) and ``captions`` (N,) and writes ``<samples s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -36,7 +35,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pixeldit_jax import fs
+from pixeldit_jax import cli, fs
 from pixeldit_jax.data import captioned_fmnist as cf
 
 CHECKS = ("background", "position", "colour", "garment")
@@ -149,7 +148,7 @@ def load_samples_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m pixeldit_jax.evaluation.t2i_fmnist",
+  parser = cli.ArgumentParser(prog="python -m pixeldit_jax.evaluation.t2i_fmnist",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--samples", required=True, help="npz with uint8 arr_0 and captions")
   parser.add_argument("--cache-dir", default=None, help="Fashion-MNIST classifier directory")
@@ -181,4 +180,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.guard(main))

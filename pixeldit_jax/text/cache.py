@@ -20,7 +20,6 @@ Build one with
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pixeldit_jax import fs
+from pixeldit_jax import cli, fs
 from pixeldit_jax.text import base
 
 EMB_FILE, MASK_FILE, CAPTIONS_FILE, META_FILE = "embeddings.npy", "mask.npy", "captions.json", "meta.json"
@@ -193,7 +192,7 @@ def read_captions(path: str) -> list:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   from pixeldit_jax.text.encoders import ENCODERS, make_encoder, text_config_defaults
   defaults = text_config_defaults()
-  p = argparse.ArgumentParser(prog="python -m pixeldit_jax.text.cache", description=__doc__.split("\n\n")[0])
+  p = cli.ArgumentParser(prog="python -m pixeldit_jax.text.cache", description=__doc__.split("\n\n")[0])
   p.add_argument("--encoder", choices=ENCODERS, default=defaults.encoder)
   p.add_argument("--path", default=None, help="model directory (default: the bundled MiniLM)")
   p.add_argument("--max_length", "--max-length", type=int, default=defaults.max_length, help="MiniLM tokens")
@@ -216,4 +215,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.guard(main))

@@ -20,14 +20,13 @@ the weights were trained in ("c2i_t" or "t2i_sigma", spec §10.8). torch is only
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from typing import Mapping
 
 import numpy as np
 
-from pixeldit_jax import fs
+from pixeldit_jax import cli, fs
 
 # ours -> official module paths (blocks are addressed without their index here).
 _SHARED_MODULES = {
@@ -331,7 +330,7 @@ def import_checkpoint(checkpoint: str, out: str, which: str = "ema", allow_pickl
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--checkpoint", required=True, help="official .ckpt / .pth / .safetensors file")
   ap.add_argument("--out", required=True, help="Orbax checkpoint directory to write")
   ap.add_argument("--weights", choices=sorted(WEIGHT_PREFIXES), default="ema",
@@ -356,4 +355,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.guard(main))

@@ -15,7 +15,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
 
 from pixeldit_jax import config_lib, fs
@@ -83,9 +83,13 @@ def main(argv):
   print(precompute(f.config, f.out, f.batch_size))
 
 
-if __name__ == "__main__":
+def _define_flags():
   config_lib.define_config_file("config", None, "Experiment config file (a path or a shipped name).")
   flags.DEFINE_string("out", None, "Output .npy file.")
   flags.DEFINE_integer("batch_size", 64, "Teacher batch size.")
   flags.mark_flags_as_required(["config", "out"])
-  app.run(main)
+
+
+if __name__ == "__main__":
+  from pixeldit_jax import cli
+  cli.run_absl(main, _define_flags)
