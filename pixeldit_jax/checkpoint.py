@@ -174,20 +174,40 @@ class TrainCheckpointer:
     }
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore_latest(self, abstract_state, data_iter):
-    """The newest readable checkpoint restored onto `abstract_state`'s shardings, or None.
+  def restore_latest(self, abstract_state, data_iter, restart_if_unreadable: bool = False):
+    """The newest readable checkpoint restored onto `abstract_state`'s shardings, or None when
+    there is none. Newer unreadable steps are set aside. When steps exist but none restores, raises
+    NoReadableCheckpointError, leaving them untouched; `restart_if_unreadable` instead sets them
+    all aside and returns None (start over).
 
     `data_iter` is moved to the saved position in place.
     """
+    failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        return self._restore(step, abstract_state, data_iter)
+        state = self._restore(step, abstract_state, data_iter)
       except RunMismatchError:
         raise
       except Exception as e:  # noqa: BLE001 - any failure to read a step means: try an older one
         logging.error("Checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one.",
                       step, self.directory, type(e).__name__, str(e)[:500])
-        self._set_aside(step)
+        failed.append((step, type(e).__name__))
+        continue
+      for bad, _ in failed:  # only once an older step restored: nothing is moved before that
+        self._set_aside(bad)
+      return state
+    if failed and not restart_if_unreadable:
+      tried = ", ".join(f"{step} ({err})" for step, err in failed)
+      raise NoReadableCheckpointError(
+          f"No checkpoint in {self.directory} can be restored (tried steps {tried}; details in the "
+          "log); they are left as they are. Repair or move them to resume, or start over from step "
+          "0 with --config.train.restart_if_unreadable=True (which sets them aside).")
+    if failed:
+      logging.warning("No checkpoint in %s can be restored; setting steps %s aside and starting over "
+                      "(config.train.restart_if_unreadable).", self.directory,
+                      ", ".join(str(step) for step, _ in failed))
+      for bad, _ in failed:
+        self._set_aside(bad)
     return None
 
   def _set_aside(self, step: int):

@@ -72,6 +72,15 @@ def train_defaults() -> ml_collections.ConfigDict:
       # CAME (T2I recipe, spec §7.2): optimizer="came" uses b1, b2, b3 and came_eps.
       b3=0.9999, came_eps=(1e-30, 1e-16),
       nonfinite_policy="stop",  # or "skip": drop the update and go on
+      # With "skip": stop after this many consecutive skipped updates (0: never). Checked at each
+      # log interval.
+      max_consecutive_skips=20,
+      # A workdir whose checkpoints all fail to restore stops the run; True sets them aside and
+      # starts over from step 0.
+      restart_if_unreadable=False,
+      # The workdir lock (<workdir>/run.lock) of a run whose heartbeat is older than this is
+      # taken over (on the same host, a lock whose process is gone at once).
+      lock_timeout_s=300.0,
       # Start a fresh run from another checkpoint's weights (fresh optimizer; the official
       # --load_from between T2I stages). Ignored when the workdir already has checkpoints.
       init_from=config_dict.placeholder(str),
@@ -156,6 +165,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     errors.append(f"train.metric_writer must be 'auto', 'clu' or 'tensorboardx', got {t.metric_writer!r}")
   if t.get("profile") is not None and (t.profile.num_steps < 0 or t.profile.start_step < 0):
     errors.append("train.profile.start_step and train.profile.num_steps must be >= 0")
+  if t.get("max_consecutive_skips", 0) < 0:
+    errors.append(f"train.max_consecutive_skips must be >= 0, got {t.max_consecutive_skips}")
+  if t.get("lock_timeout_s", 1.0) <= 0:
+    errors.append(f"train.lock_timeout_s must be positive, got {t.lock_timeout_s}")
   if not 0.0 <= t.ema_decay < 1.0:
     errors.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
   from pixeldit_jax.diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS  # noqa: PLC0415

@@ -1,4 +1,5 @@
-"""Training: flow-matching objective, resume equality, mesh equivalence, preemption, bad checkpoints."""
+"""Training: flow-matching objective, resume equality, mesh equivalence, preemption, bad checkpoints,
+the non-finite guard."""
 
 import json
 import os
@@ -96,6 +97,7 @@ def test_resume_continues_the_same_loss_trajectory(tmp_path):
   assert {"loss", "grad_norm", "param_norm", "learning_rate", "images_per_s",
           "tflops_per_device", "data_skipped"} <= set(lines[-1])
   assert os.listdir(tmp_path / "a" / "tensorboard")
+  assert not (tmp_path / "a" / "run.lock").exists()  # the workdir lock is released at the end
 
 
 def test_sample_grid_png_is_written(tmp_path):
@@ -120,19 +122,79 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   assert any(p.startswith("6.unreadable") for p in os.listdir(ckpt_dir))
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nonfinite_updates_stop_or_are_skipped(tmp_path, policy):
-  # LR 1e30: the first update is finite but blows the weights up, so from step 1 on the loss is
-  # non-finite. "stop" names that step; "skip" drops every such update and runs to the end.
-  config = small_config(lr=1e30, nonfinite_policy=policy, num_steps=4, checkpoint_every=100)
-  if policy == "stop":
-    with pytest.raises(trainer.NonFiniteError, match=r"Non-finite loss or gradient at step 1 "):
-      trainer.train(config, str(tmp_path))
-  else:
-    summary = trainer.train(config, str(tmp_path))
-    assert summary["step"] == 4
-    last = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]
-    assert last["skipped_updates"] == 3
+def _strict_jsonl(path) -> list[dict]:
+  """metrics.jsonl read by a strict JSON parser (NaN/Infinity refused)."""
+  def refuse(name):
+    raise ValueError(f"non-standard JSON constant {name} in {path}")
+  return [json.loads(line, parse_constant=refuse) for line in open(path)]
+
+
+def _restore_all_items(ckpt_dir, step) -> dict:
+  import orbax.checkpoint as ocp
+  from pixeldit_jax import checkpoint as ckpt_lib
+  names = (ckpt_lib.PARAMS, ckpt_lib.EMA_PARAMS, ckpt_lib.OPT_STATE, ckpt_lib.TRAIN)
+  with ocp.CheckpointManager(str(ckpt_dir)) as mngr:
+    return mngr.restore(step, args=ocp.args.Composite(**{n: ocp.args.StandardRestore() for n in names}))
+
+
+def test_nonfinite_update_stops_at_the_step_metrics_jsonl_names(tmp_path):
+  # Two good steps, then LR = inf: the gradient is finite, the update is not. Step 3 (the third
+  # done) is named in the error and is where metrics.jsonl first counts a skipped update.
+  config = small_config(step_down_step=2, lr_after_step_down=float("inf"), num_steps=6,
+                        checkpoint_every=100)
+  with pytest.raises(trainer.NonFiniteError, match=r"Non-finite loss, gradient or update at step (\d+) ") as e:
+    trainer.train(config, str(tmp_path))
+  named = int(e.value.args[0].split("at step ")[1].split()[0])
+  lines = _strict_jsonl(tmp_path / "metrics.jsonl")
+  assert named == 3 == next(l["step"] for l in lines if l["skipped_updates"])
+  assert "\n" not in str(e.value)
+
+
+def test_nonfinite_updates_skipped_stop_after_max_consecutive_skips(tmp_path):
+  # LR = inf with "skip": every update is non-finite. The run stops after 3 consecutive skips,
+  # and no checkpoint item ever holds a non-finite value.
+  config = small_config(lr=float("inf"), nonfinite_policy="skip", max_consecutive_skips=3,
+                        num_steps=10, checkpoint_every=1)
+  with pytest.raises(trainer.NonFiniteError, match=r"3 consecutive updates were non-finite and "
+                     r"skipped \(steps 1-3;.*max_consecutive_skips=3"):
+    trainer.train(config, str(tmp_path))
+  steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+  assert steps == [1, 2]
+  for step in steps:
+    for name, tree in _restore_all_items(tmp_path / "checkpoints", step).items():
+      for leaf in jax.tree.leaves(tree):
+        assert np.all(np.isfinite(np.asarray(leaf))), (step, name)
+  lines = _strict_jsonl(tmp_path / "metrics.jsonl")
+  assert [l["skipped_updates"] for l in lines] == [1, 2, 3]
+  assert not (tmp_path / "run.lock").exists()  # released on the error too
+
+
+def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path):
+  from pixeldit_jax.train import metrics as metrics_lib
+  w = metrics_lib.MetricWriter(str(tmp_path), backend="tensorboardx")
+  w.write_scalars(1, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+  w.close()
+  assert _strict_jsonl(tmp_path / "metrics.jsonl") == [
+      {"step": 1, "loss": None, "grad_norm": None, "lr": 1e-3}]
+
+
+def test_all_checkpoints_unreadable_stop_the_run_unless_restart_is_asked(tmp_path):
+  from pixeldit_jax import checkpoint as ckpt_lib
+  config = small_config(num_steps=2, checkpoint_every=1)
+  trainer.train(config, str(tmp_path))
+  ckpt_dir = tmp_path / "checkpoints"
+  for step in ("1", "2"):
+    shutil.rmtree(ckpt_dir / step / "params")
+  with pytest.raises(ckpt_lib.NoReadableCheckpointError) as e:
+    trainer.train(config, str(tmp_path))
+  message = str(e.value)
+  assert str(ckpt_dir) in message and "tried steps 2 (" in message and ", 1 (" in message
+  assert "--config.train.restart_if_unreadable=True" in message and "\n" not in message
+  assert {"1", "2"} <= set(os.listdir(ckpt_dir))  # left as they were
+  config.train.restart_if_unreadable = True
+  summary = trainer.train(config, str(tmp_path))
+  assert summary["start_step"] == 0 and summary["step"] == 2
+  assert sum(p.startswith(("1.unreadable", "2.unreadable")) for p in os.listdir(ckpt_dir)) == 2
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -154,6 +216,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert "Stopped by SIGTERM" in out
   steps = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
   assert len(steps) == 1 and 2 <= steps[0] < 100000
+  assert not (workdir / "run.lock").exists()  # the workdir lock is released on SIGTERM too
 
 
 def test_meshes_give_the_same_loss_and_restore_onto_another_mesh(tmp_path):

@@ -8,7 +8,8 @@ One MetricWriter, two TensorBoard backends:
   TensorFlow for this, so it is picked only where TensorFlow imports (most TPU VMs).
 - ``tensorboardx``: tensorboardX event files, which need no TensorFlow. The fallback.
 
-Every scalar also goes to ``<workdir>/metrics.jsonl``, one JSON object per logged step. All files
+Every scalar also goes to ``<workdir>/metrics.jsonl``, one strict JSON object per logged step:
+``step`` is the number of steps done, and a non-finite value (NaN, Inf) is written as null. All files
 go through the path layer ``pixeldit_jax.fs``: for a ``gs://`` workdir the event files are written
 to a local temporary directory and copied to ``<workdir>/tensorboard/`` on each flush, and
 metrics.jsonl (GCS objects cannot be appended to) is kept in memory, starting from what the
@@ -18,6 +19,7 @@ bucket already has, and rewritten on each flush.
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -246,7 +248,9 @@ class _Jsonl:
       self._f = fs.open(path, "a")
 
   def write(self, record: Mapping[str, Any]):
-    line = json.dumps(record) + "\n"
+    # Strict JSON: NaN/Infinity (which strict readers reject) are written as null.
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    line = json.dumps(record, allow_nan=False) + "\n"
     if self.remote:
       self._lines.append(line)
       self._dirty = True

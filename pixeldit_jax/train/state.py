@@ -28,8 +28,8 @@ class TrainState:
   projector: Any  # REPA projector parameters ({} without REPA); optimised with params
   opt_state: Any  # of the pair (params, projector)
   rng: jax.Array  # raw uint32[2] key; per-step keys are fold_in(rng, step)
-  nonfinite_step: jax.Array  # first step whose loss or gradient was NaN/Inf, -1 if none
-  skipped_updates: jax.Array  # updates not applied because of a non-finite loss or gradient
+  nonfinite_step: jax.Array  # first step (1-based, as in metrics.jsonl) not applied, -1 if none
+  skipped_updates: jax.Array  # updates not applied: non-finite loss, gradient or update
 
 
 def _params(module: Optional[nnx.Module]) -> dict:

@@ -31,6 +31,13 @@ def images_to_model(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
+def _all_finite(tree) -> jax.Array:
+  """One scalar: every floating leaf of `tree` is finite (integer leaves, e.g. counts, are)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def ema_decay(tcfg, step: jax.Array) -> jax.Array:
   """The configured decay; with ema_warmup, min(decay, (1 + step) / (10 + step)) (short runs)."""
   decay = jnp.asarray(tcfg.ema_decay, jnp.float32)
@@ -52,8 +59,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
                     projector_graphdef: Optional[nnx.GraphDef] = None,
                     teacher: Optional[Teacher] = None,
                     encode_text: Optional[Callable] = None):
-  """(state, batch, frozen) -> (state, metrics). A non-finite loss or gradient leaves the state as
-  it was (the update is skipped) and records the step; the loop stops or continues per config.
+  """(state, batch, frozen) -> (state, metrics). A non-finite loss, gradient or update leaves the
+  weights, EMA and optimizer state as they were (the update is skipped; metrics["finite"] is
+  False) and records the step; the loop stops or continues per config.
 
   `encode_text(params, ids, mask) -> (emb, mask)` is the frozen text encoder for batches that carry
   tokens. REPA is on when config.repa.weight > 0 (then `projector_graphdef` and `teacher` are set).
@@ -114,23 +122,30 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
     trainable = (state.params, state.projector)
     (loss, (flow_loss, repa_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params, projector = optax.apply_updates(trainable, updates)
+    param_norm = optax.global_norm(params)
+    # A finite gradient can still make a non-finite update (LR = inf, overflow): the candidate
+    # weights and optimizer state are checked too. A finite norm also bounds every weight well
+    # below the float32 range, so the EMA of finite weights stays finite without its own check.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+              & jnp.isfinite(optax.global_norm(projector)) & _all_finite(opt_state))
     decay = ema_decay(tcfg, state.step)
     ema = jax.tree.map(lambda e, q: decay * e + (1.0 - decay) * q.astype(jnp.float32),
                        state.ema_params, params)
     # One branch chosen for the whole tree: no elementwise select over every weight and moment.
-    params, projector, ema, opt_state = jax.lax.cond(
-        finite, lambda: (params, projector, ema, opt_state),
-        lambda: (state.params, state.projector, state.ema_params, state.opt_state))
+    params, projector, ema, opt_state, param_norm = jax.lax.cond(
+        finite, lambda: (params, projector, ema, opt_state, param_norm),
+        lambda: (state.params, state.projector, state.ema_params, state.opt_state,
+                 optax.global_norm(state.params)))
     new_state = state.replace(
         step=state.step + 1, params=params, projector=projector, ema_params=ema, opt_state=opt_state,
-        nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step),
+        # Steps are named by their count once done (state.step + 1), as metrics.jsonl names them.
+        nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step + 1,
+                                 state.nonfinite_step),
         skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
     metrics = dict(loss=loss, flow_loss=flow_loss, repa_loss=repa_loss, grad_norm=grad_norm,
-                   param_norm=optax.global_norm(new_state.params),
-                   learning_rate=lr_fn(state.step), finite=finite,
+                   param_norm=param_norm, learning_rate=lr_fn(state.step), finite=finite,
                    data_skipped=jnp.sum(batch["skipped"]), data_converted=jnp.sum(batch["converted"]))
     return new_state, metrics
 

@@ -2,8 +2,13 @@
 
     train(config, workdir) -> summary dict
 
-The run resumes from the newest readable checkpoint in ``<workdir>/checkpoints``. SIGTERM (or a
-preemption notice in multi-process runs) makes it save and stop cleanly at the next step.
+The run resumes from the newest readable checkpoint in ``<workdir>/checkpoints``; when there are
+checkpoints but none restores, it stops (NoReadableCheckpointError) unless
+config.train.restart_if_unreadable. SIGTERM (or a preemption notice in multi-process runs) makes it
+save and stop cleanly at the next step. One run at a time owns the workdir (``workdir_lock``).
+
+Steps are named by how many are done: the step that takes the state from 4 to 5 completed steps
+is step 5, in metrics.jsonl, TensorBoard, the console and errors alike.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pixeldit_jax.train import conditioning as conditioning_lib
 from pixeldit_jax.train import repa as repa_lib
 from pixeldit_jax.train import state as state_lib
 from pixeldit_jax.train import step as step_lib
+from pixeldit_jax.train import workdir_lock
 
 
 class NonFiniteError(FloatingPointError):
@@ -190,6 +196,29 @@ def _report_start(config, model_cfg, params, mesh, workdir: str, start_step: int
 def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
   """Train (or resume) the configured model in `workdir`. `max_steps` stops early (tests)."""
   workdir = fs.resolve(workdir)  # absolute when local; gs:// URLs stay URLs
+  # Before anything is read or written: a second run on the workdir refuses here.
+  with workdir_lock.hold(workdir, timeout_s=config.train.get("lock_timeout_s", 300.0)) as lock:
+    return _train(config, workdir, lock, max_steps)
+
+
+def _nonfinite_error(step: int, m: dict) -> NonFiniteError:
+  return NonFiniteError(
+      f"Non-finite loss, gradient or update at step {step} (loss {float(m['loss']):.4g}, grad norm "
+      f"{float(m['grad_norm']):.4g}, learning rate {float(m['learning_rate']):.3g}); the update was "
+      "not applied and the run stopped. Lower config.train.lr, or set "
+      "config.train.nonfinite_policy='skip' to skip such updates.")
+
+
+def _skips_error(first: int, last: int, m: dict, limit: int) -> NonFiniteError:
+  return NonFiniteError(
+      f"{last - first + 1} consecutive updates were non-finite and skipped (steps {first}-{last}; "
+      f"last loss {float(m['loss']):.4g}, grad norm {float(m['grad_norm']):.4g}, learning rate "
+      f"{float(m['learning_rate']):.3g}): the weights have not changed since step {first - 1}, and "
+      f"the run stopped (config.train.max_consecutive_skips={limit}). Lower config.train.lr or "
+      "check the data, then rerun to resume from the last checkpoint.")
+
+
+def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
   tcfg = config.train
   model_cfg = config_lib.model_config(config)
   is_main = jax.process_index() == 0
@@ -226,7 +255,8 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
 
   with jax.set_mesh(mesh):
     target = state_lib.abstract_state(model_cfg, tx, config.seed, state_shardings, make_projector)
-    state = checkpointer.restore_latest(target, data_iter)
+    state = checkpointer.restore_latest(target, data_iter,
+                                        restart_if_unreadable=tcfg.get("restart_if_unreadable", False))
     if state is None:
       state = jax.jit(lambda: state_lib.init(model_cfg, tx, config.seed, make_projector),
                       out_shardings=state_shardings)()
@@ -277,6 +307,16 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
                dynamic_ncols=True, smoothing=0.1)
     steps_since_log = 0
     stopped_by = None
+    skipped_since = None  # the first step of the current run of skipped updates
+
+    def stop(error):
+      bar.close()
+      checkpointer.wait()
+      checkpointer.close()
+      profiler.close()
+      writer.close()
+      raise error
+
     with _StopFlag() as flag:
       for step in range(start_step, end_step):
         local = next(data_iter)
@@ -307,10 +347,14 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
           fetched = jax.device_get([(s, mm) for s, mm in pending])
           pending = []
           elapsed = time.perf_counter() - t_log
+          first_bad = None
           for s, mm in fetched:
             losses[s] = float(mm["loss"])
-          last = fetched[-1][1]
-          nonfinite_step = int(jax.device_get(state.nonfinite_step))
+            if bool(mm["finite"]):
+              skipped_since = None
+            else:
+              first_bad = first_bad or (s + 1, mm)
+              skipped_since = skipped_since or s + 1
           scalars = metrics_lib.reduce_steps([mm for _, mm in fetched], repa=teacher is not None)
           scalars.update(
               skipped_updates=float(jax.device_get(state.skipped_updates)),
@@ -329,14 +373,14 @@ def train(config, workdir: str, *, max_steps: Optional[int] = None) -> dict:
           if is_main:
             logs.console(_interval_line(done, tcfg.num_steps, scalars))
           t_log, steps_since_log = time.perf_counter(), 0
-          if nonfinite_step >= 0 and tcfg.nonfinite_policy == "stop":
-            checkpointer.wait()
-            profiler.close()
-            writer.close()
-            raise NonFiniteError(
-                f"Non-finite loss or gradient at step {nonfinite_step} (loss {last['loss']}, grad "
-                f"norm {last['grad_norm']}); the update was not applied and the run stopped. Set "
-                "config.train.nonfinite_policy='skip' to skip such updates and continue.")
+          if first_bad and tcfg.nonfinite_policy == "stop":
+            stop(_nonfinite_error(*first_bad))
+          limit = tcfg.get("max_consecutive_skips", 20)
+          if skipped_since and limit and done - skipped_since + 1 >= limit:
+            stop(_skips_error(skipped_since, done, fetched[-1][1], limit))
+          lost = workdir_lock.taken_over(lock)
+          if lost:
+            stop(lost)
         if tcfg.sample_every and done % tcfg.sample_every == 0 and done != tcfg.num_steps:
           t0 = time.perf_counter()
           last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, done, workdir, writer, cond)
