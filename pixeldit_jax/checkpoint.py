@@ -105,6 +105,31 @@ def load_params(directory: str, abstract_params, item: str = EMA_PARAMS, step: O
   return restored[item]
 
 
+def load_params_latest_readable(directory: str, target, item: str = EMA_PARAMS) -> tuple[int, Any]:
+  """(step, weights) of the newest step whose `item` restores, walking back past unreadable steps
+  (each failure logged) the way training resumes, but read-only: nothing is renamed. `target` is
+  load_params' abstract tree, or a function of the step returning it (so the model can be rebuilt
+  from that step's own meta, which may be what is damaged)."""
+  with _manager(directory, create=False) as mngr:
+    steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    raise CheckpointError(f"{directory} holds no checkpoint")
+  last = None
+  for step in steps:
+    try:
+      params = load_params(directory, target(step) if callable(target) else target, item, step)
+    except Exception as e:  # noqa: BLE001 - any failure to read a step means: try an older one
+      last = f"{type(e).__name__}: {str(e)[:300]}"
+      logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the previous one.",
+                      step, directory, last)
+      continue
+    if step != steps[0]:
+      logging.warning("Using checkpoint step %d of %s: the newer steps cannot be restored.", step, directory)
+    return step, params
+  raise NoReadableCheckpointError(f"No checkpoint step in {directory} can be restored (tried steps "
+                        f"{', '.join(map(str, steps))}; the oldest failed with {last.splitlines()[0]})")
+
+
 def model_config(directory: str, step: Optional[int] = None, **overrides) -> PixelDiTConfig:
   """The model config recorded in a checkpoint, with numerics-only fields overridden."""
   _, meta = read_meta(directory, step)

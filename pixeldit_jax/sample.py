@@ -10,20 +10,25 @@ the checkpoint's own record. Sampler settings come from `config.sample` (ImageNe
 
 Every sample has its own seed, noise_i = N(0, I) from fold_in(PRNGKey(sample.seed), i), so any
 subset can be regenerated and the images do not depend on the batch size or on how many devices or
-hosts share the work. Finished batches are written as parts and a rerun resumes after the last
-one. The result is `samples.npz` in the ADM evaluator's layout: `arr_0` uint8 NHWC, `arr_1` (and
-`labels`) the classes.
+hosts share the work. Finished samples are kept as parts, each recording the checkpoint step and a
+hash of the settings that change the images; a rerun into the same folder reuses the matching parts
+(whatever batch size made them), sets aside damaged ones, and refuses a folder of another step or
+other settings (SampleFolderMismatch). With no --step the newest step whose EMA weights can be read
+is used, and the default output folder is named by it. The result is `samples.npz` in the ADM
+evaluator's layout: `arr_0` uint8 NHWC, `arr_1` (and `labels`) the classes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -40,8 +45,8 @@ def _define_flags():
                                 "or a shipped name (fashion_mnist.py:steps=20).")
   flags.DEFINE_string("workdir", None, "Training workdir: restores <workdir>/checkpoints.")
   flags.DEFINE_string("checkpoint", None, "A checkpoint directory (training or imported).")
-  flags.DEFINE_string("out", None, "Output directory (default: <workdir or checkpoint>/samples_<settings>).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("out", None, "Output directory (default: <workdir or checkpoint>/samples_step<N>_<settings>).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
   flags.DEFINE_string("prompts", None, "Text-to-image: a file of prompts (one per line, or a JSON list).")
 
 
@@ -70,16 +75,69 @@ def make_sample_batch(graphdef, s, image_shape, null_class: int):
   return sample_batch
 
 
-def _ema_on_mesh(config, model_cfg, checkpoint_dir: str, step):
-  """(mesh, rules, graphdef, param shardings, EMA params restored onto the mesh)."""
-  mesh = sharding.make_mesh(config.sharding.mesh_shape)
+class SampleFolderMismatch(ValueError):
+  """The output folder holds samples of another checkpoint step or made with other settings."""
+
+
+def default_out_name(step: int, s, prompts=None) -> str:
+  """samples_step{N}_<settings tag>, and a digest of the prompts for text-to-image."""
+  name = f"samples_step{step}_{settings_tag(s)}"
+  return name if prompts is None else f"{name}_p{_digest(list(prompts))[:8]}"
+
+
+def _digest(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# Model fields that change how the images are computed, not what they are.
+_EXECUTION_ONLY = ("attention_impl", "scan_layers", "remat_policy")
+
+
+def image_settings(config, model_cfg, checkpoint_dir: str, **task) -> dict:
+  """Every setting that changes the images. Not the batch size or the device count: each sample
+  has its own seed."""
+  s = config.sample
+  lo, hi = s.cfg_interval
+  out = dict(checkpoint=fs.resolve(checkpoint_dir), sampler=s.sampler, num_steps=int(s.num_steps),
+             cfg_scale=float(s.cfg_scale), cfg_interval=[float(lo), float(hi)],
+             time_shift=float(s.time_shift), seed=int(s.seed), image_size=list(config.image_size),
+             **{f"model.{k}": v for k, v in model_cfg.to_dict().items() if k not in _EXECUTION_ONLY},
+             **task)
+  return json.loads(json.dumps(out, default=str))  # as settings.json reads it back
+
+
+def _record(step: int, settings: dict, **info) -> dict:
+  """settings.json: the checkpoint step and image settings (hashed) the folder's samples belong to."""
+  return dict(info, step=int(step), settings_hash=_digest(settings)[:16], image_settings=settings)
+
+
+def _restore(config, checkpoint_dir: str, step):
+  """(step, model config, graphdef, param shardings, mesh, rules, EMA params on the mesh): `step`,
+  or else the newest step whose EMA weights can be read."""
   rules = tuple(tuple(r) for r in config.sharding.rules)
-  model = abstract_model(model_cfg)
-  param_shardings = sharding.named(mesh, sharding.param_specs(model, mesh, rules))
-  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        nnx.to_pure_dict(nnx.state(model, nnx.Param)), param_shardings)
-  params = ckpt_lib.load_params(checkpoint_dir, target, ckpt_lib.EMA_PARAMS, step)
-  return mesh, rules, nnx.graphdef(model), param_shardings, params
+  built = {}
+
+  def target(st):  # the model as that step's own meta records it
+    cfg = ckpt_lib.model_config(checkpoint_dir, st, dtype=config.model.dtype,
+                                attention_impl=config.model.attention_impl,
+                                scan_layers=config.model.scan_layers, remat_policy="none")
+    # The mesh (which starts the backends) only once the checkpoint is found: a missing one is
+    # then reported before any backend logging.
+    if "mesh" not in built:
+      built["mesh"] = sharding.make_mesh(config.sharding.mesh_shape)
+    mesh = built["mesh"]
+    model = abstract_model(cfg)
+    shardings = sharding.named(mesh, sharding.param_specs(model, mesh, rules))
+    built[st] = cfg, nnx.graphdef(model), shardings
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings)
+
+  if step is None:
+    step, params = ckpt_lib.load_params_latest_readable(checkpoint_dir, target)
+  else:
+    params = ckpt_lib.load_params(checkpoint_dir, target(step), ckpt_lib.EMA_PARAMS, step)
+  logging.info("Sampling from checkpoint step %d of %s", step, checkpoint_dir)
+  return (int(step), *built[step], built["mesh"], rules, params)
 
 
 def _global_batch(size: int, mesh) -> int:
@@ -115,110 +173,104 @@ def read_prompts(path: str) -> list[str]:
   return prompts
 
 
-def run_text(config, checkpoint_dir: str, out_dir: str, prompts: list[str], step=None, cond=None) -> dict:
+def run_text(config, checkpoint_dir: str, out_dir, prompts: list[str], step=None, cond=None,
+             out_root=None) -> dict:
   """Text-to-image sampling: `sample.num_per_prompt` images per prompt at config.image_size.
 
   Sample i is prompt i // num_per_prompt with noise from index i, so results do not depend on the
-  batch size. Writes samples.npz (arr_0 uint8 NHWC, captions), grid.png and one PNG per image.
+  batch size. Resumes from the parts of an earlier run into `out_dir` (None: a folder under
+  `out_root` named by the step and settings). Writes samples.npz (arr_0 uint8 NHWC, captions), grid.png and one
+  PNG per image.
   """
   from pixeldit_jax.train import conditioning as conditioning_lib  # noqa: PLC0415
   s = config.sample
-  model_cfg = ckpt_lib.model_config(checkpoint_dir, step, dtype=config.model.dtype,
-                                    attention_impl=config.model.attention_impl,
-                                    scan_layers=config.model.scan_layers, remat_policy="none")
+  step, model_cfg, graphdef, _, mesh, rules, params = _restore(config, checkpoint_dir, step)
   if model_cfg.text_dim is None:
     raise ValueError(f"{checkpoint_dir} holds a class-conditional model; --prompts needs a text-to-image one")
   _, meta = ckpt_lib.read_meta(checkpoint_dir, step)
   if meta.get("time_convention", "t2i_sigma") != "t2i_sigma":
     raise ValueError(f"{checkpoint_dir} was trained in the {meta['time_convention']!r} convention; "
                      "the text-to-image sampler needs the sigma convention")
-  cond = cond or conditioning_lib.TextConditioning(config)
   h, w = config.image_size
+  prompts = list(prompts)
   per = int(s.get("num_per_prompt", 1))
   total = len(prompts) * per
-  mesh, rules, graphdef, param_shardings, params = _ema_on_mesh(config, model_cfg, checkpoint_dir, step)
-  batch = _global_batch(min(s.batch_size, total), mesh)
-  text = cond.embed(prompts)
   negative_prompt = s.get("negative_prompt") or ""
+  text_cfg = config.get("text") or {}
+  settings = image_settings(config, model_cfg, checkpoint_dir, prompts=prompts, num_per_prompt=per,
+                            negative_prompt=negative_prompt,
+                            **{f"text.{k}": text_cfg.get(k) for k in ("encoder", "path", "max_length", "dtype")})
+  out_dir = fs.resolve(out_dir or fs.join(out_root or checkpoint_dir, default_out_name(step, s, prompts)))
+  record = _record(step, settings, checkpoint=fs.resolve(checkpoint_dir), image_size=[h, w],
+                   total=total, prompts=prompts, **s.to_dict())
+  cond = cond or conditioning_lib.TextConditioning(config)
+  text = cond.embed(prompts)
   negative = cond.embed([negative_prompt], null=True)
   fn = jax.jit(make_text_sample_batch(graphdef, s, (h, w, model_cfg.in_channels)))
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, rules, a.ndim))
-  outputs = []
-  t0 = time.perf_counter()
+
+  def make_images(idx):
+    which = np.minimum(idx // per, len(prompts) - 1)
+    out = fn(params, put(idx), put(text[which]), put(np.repeat(negative, len(idx), 0)))
+    return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
   with jax.set_mesh(mesh):
-    for b in tqdm(range(0, total, batch), desc="sample", unit="batch", disable=jax.process_index() != 0):
-      idx = np.arange(b, b + batch)
-      which = np.minimum(idx // per, len(prompts) - 1)
-      out = fn(params, put(idx.astype(np.int32)), put(text[which]), put(np.repeat(negative, batch, 0)))
-      outputs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:total - b])
-  seconds = time.perf_counter() - t0
-  x = np.concatenate(outputs)[:total]
-  captions = np.array([prompts[i // per] for i in range(total)])
-  summary = dict(total=total, generated=total, seconds=seconds, images_per_s=total / seconds, out_dir=out_dir)
+    x, generated, seconds = _sample_parts(out_dir, record, total, _global_batch(min(s.batch_size, total), mesh),
+                                          make_images, (h, w, model_cfg.in_channels))
+  summary = dict(total=total, generated=generated, seconds=seconds, step=step, out_dir=out_dir,
+                 images_per_s=generated / seconds if generated else None)
   if jax.process_index() == 0:
+    captions = np.array([prompts[i // per] for i in range(total)])
     path = fs.save_npz(fs.join(out_dir, "samples.npz"), arr_0=x, captions=captions)
-    fs.write_text(fs.join(out_dir, "settings.json"), json.dumps(
-        {"checkpoint": fs.resolve(checkpoint_dir), "step": step, "image_size": [h, w],
-         "prompts": prompts, **s.to_dict()}, indent=1, default=str))
     for i, img in enumerate(x):
       images.save_png(img, fs.join(out_dir, "images", f"{i:05d}.png"))
     grid_path = fs.join(out_dir, "grid.png")
     images.save_png(images.grid(x, len(prompts) if per > 1 else max(1, int(total ** 0.5))), grid_path,
                     scale=max(1, 256 // max(h, w)))
     summary.update(samples=path, grid=grid_path)
+  multihost_utils.sync_global_devices("sample_end")
   return summary
 
 
-def run(config, checkpoint_dir: str, out_dir: str, step=None) -> dict:
-  """Generate (or finish generating) the configured sample set. Returns a summary dict."""
+def run(config, checkpoint_dir: str, out_dir=None, step=None, out_root=None) -> dict:
+  """Generate (or finish generating) the configured sample set. Returns a summary dict.
+
+  `out_dir` defaults to a folder under `out_root` (default: the checkpoint directory) named by the
+  checkpoint step and the settings; `step` to the newest step whose EMA weights can be read.
+  """
   s = config.sample
-  model_cfg = ckpt_lib.model_config(checkpoint_dir, step, dtype=config.model.dtype,
-                                    attention_impl=config.model.attention_impl,
-                                    scan_layers=config.model.scan_layers, remat_policy="none")
+  step, model_cfg, graphdef, param_shardings, mesh, rules, params = _restore(config, checkpoint_dir, step)
   if model_cfg.text_dim is not None:
     raise ValueError(f"{checkpoint_dir} holds a text-to-image model: give --prompts=FILE")
   h, w = config.image_size
   total = s.num_per_class * model_cfg.num_classes
-  mesh, rules, graphdef, param_shardings, params = _ema_on_mesh(config, model_cfg, checkpoint_dir, step)
-  batch = _global_batch(s.batch_size, mesh)
-
-  parts_dir = fs.join(out_dir, "parts")
-  is_main = jax.process_index() == 0
-  if is_main:
-    fs.makedirs(parts_dir)
-    fs.write_text(fs.join(out_dir, "settings.json"), json.dumps(
-        {"checkpoint": fs.resolve(checkpoint_dir), "step": step, "image_size": [h, w],
-         "total": total, **s.to_dict()}, indent=1, default=str))
-  multihost_utils.sync_global_devices("sample_start")
-  # Object stores have no empty directories: no parts yet may mean no parts_dir at all.
-  names = fs.listdir(parts_dir) if fs.isdir(parts_dir) else []
-  done = {int(n[5:12]) for n in names if n.startswith("part_") and n.endswith(".npz")}
-
+  settings = image_settings(config, model_cfg, checkpoint_dir, num_per_class=int(s.num_per_class))
+  out_dir = fs.resolve(out_dir or fs.join(out_root or checkpoint_dir, default_out_name(step, s)))
+  record = _record(step, settings, checkpoint=fs.resolve(checkpoint_dir), image_size=[h, w],
+                   total=total, **s.to_dict())
   batch_sharding = sharding.batch_sharding(mesh, rules, 1)
   fn = jax.jit(make_sample_batch(graphdef, s, (h, w, model_cfg.in_channels), model_cfg.num_classes),
                in_shardings=(param_shardings, batch_sharding, batch_sharding))
-  starts = [b for b in range(0, total, batch) if b not in done]
-  bar = tqdm(total=total, initial=total - sum(min(batch, total - b) for b in starts), unit="img",
-             desc="sample", disable=not is_main, dynamic_ncols=True)
-  t0, generated = time.perf_counter(), 0
+  put = lambda a: jax.make_array_from_process_local_data(batch_sharding, a[_local_slice(len(a))])
+
+  def make_images(idx):
+    labels = np.minimum(idx // s.num_per_class, model_cfg.num_classes - 1).astype(np.int32)
+    return np.asarray(multihost_utils.process_allgather(fn(params, put(idx), put(labels)), tiled=True))
+
   with jax.set_mesh(mesh):
-    for b in starts:
-      idx = np.arange(b, b + batch)  # the last batch runs past `total`; the extra is dropped
-      labels = np.minimum(idx // s.num_per_class, model_cfg.num_classes - 1).astype(np.int32)
-      put = lambda a: jax.make_array_from_process_local_data(batch_sharding, a[_local_slice(len(a))])
-      out = fn(params, put(idx.astype(np.int32)), put(labels))
-      imgs = np.asarray(multihost_utils.process_allgather(out, tiled=True))
-      n = min(batch, total - b)
-      if is_main:  # a part is whole or absent
-        fs.save_npz(fs.join(parts_dir, f"part_{b:07d}.npz"), arr_0=imgs[:n], arr_1=labels[:n])
-      generated += n
-      bar.update(n)
-  bar.close()
-  seconds = time.perf_counter() - t0
-  summary = dict(total=total, generated=generated, seconds=seconds,
-                 images_per_s=generated / seconds if generated else None, out_dir=out_dir)
-  if is_main:
-    summary.update(_assemble(out_dir, parts_dir, total, model_cfg.num_classes, s.num_per_class, (h, w)))
+    x, generated, seconds = _sample_parts(out_dir, record, total, _global_batch(min(s.batch_size, total), mesh),
+                                          make_images, (h, w, model_cfg.in_channels))
+  summary = dict(total=total, generated=generated, seconds=seconds, step=step, out_dir=out_dir,
+                 images_per_s=generated / seconds if generated else None)
+  if jax.process_index() == 0:
+    y = (np.arange(total) // s.num_per_class).astype(np.int32)
+    # arr_1 as in ADM's labelled batches; labels by name
+    path = fs.save_npz(fs.join(out_dir, "samples.npz"), arr_0=x, arr_1=y, labels=y)
+    rows, cols = min(10, model_cfg.num_classes), min(10, s.num_per_class)
+    pick = np.concatenate([np.arange(c * s.num_per_class, c * s.num_per_class + cols) for c in range(rows)])
+    grid_path = fs.join(out_dir, "grid.png")
+    images.save_png(images.grid(x[pick], rows), grid_path, scale=max(1, 256 // max(h, w)))
+    summary.update(samples=path, grid=grid_path)
   multihost_utils.sync_global_devices("sample_end")
   return summary
 
@@ -229,21 +281,130 @@ def _local_slice(n: int) -> slice:
   return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 
 
-def _assemble(out_dir, parts_dir, total, num_classes, per_class, hw) -> dict:
-  parts = sorted(n for n in fs.listdir(parts_dir) if n.startswith("part_") and n.endswith(".npz"))
-  arrays = [fs.load_npz(fs.join(parts_dir, n)) for n in parts]
-  x = np.concatenate([a["arr_0"] for a in arrays])
-  y = np.concatenate([a["arr_1"] for a in arrays])
-  if len(x) != total:
-    raise RuntimeError(f"{parts_dir} holds {len(x)} samples, expected {total}")
-  # arr_1 as in ADM's labelled batches; labels by name
-  path = fs.save_npz(fs.join(out_dir, "samples.npz"), arr_0=x, arr_1=y, labels=y)
-  rows = min(10, num_classes)
-  cols = min(10, per_class)
-  pick = np.concatenate([np.arange(c * per_class, c * per_class + cols) for c in range(rows)])
-  grid_path = fs.join(out_dir, "grid.png")
-  images.save_png(images.grid(x[pick], rows), grid_path, scale=max(1, 256 // max(hw)))
-  return dict(samples=path, grid=grid_path)
+# ----------------------------------------------------------------------------- parts
+# `parts/part_{a}_{b}.npz` holds samples a..b-1 (`images`, `index`) and the checkpoint `step` and
+# `settings` hash they were made with. Parts are keyed by index range, not batch number, so a rerun
+# with another batch size reuses them, and assembly goes by index coverage.
+
+_PART = re.compile(r"part_(\d+)_(\d+)\.npz")
+
+
+def _part_ranges(parts_dir: str, total: int) -> dict:
+  """name -> (a, b) of each well-named part file within [0, total)."""
+  # Object stores have no empty directories: no parts yet may mean no parts_dir at all.
+  names = fs.listdir(parts_dir) if fs.isdir(parts_dir) else []
+  ranges = {n: (int(m[1]), int(m[2])) for n in names if (m := _PART.fullmatch(n))}
+  return {n: (a, b) for n, (a, b) in ranges.items() if 0 <= a < b <= total}
+
+
+def _short(v) -> str:
+  text = json.dumps(v)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_folder(out_dir: str, parts_dir: str, record: dict):
+  """Refuse (SampleFolderMismatch) a folder holding samples of another step or other settings."""
+  path = fs.join(out_dir, "settings.json")
+  if not fs.isfile(path):
+    return
+  try:
+    old = json.loads(fs.read_text(path))
+  except Exception as e:  # noqa: BLE001 - each part carries its own record and is checked alone
+    logging.warning("%s cannot be read (%s); the parts are checked one by one.", path, e)
+    return
+  diff = []
+  if old.get("step") != record["step"]:
+    was = "unrecorded" if old.get("step") is None else old["step"]
+    diff.append(f"checkpoint step {was} (this run: step {record['step']})")
+  if old.get("settings_hash") != record["settings_hash"]:
+    before, now = old.get("image_settings"), record["image_settings"]
+    if not before:
+      diff.append("unrecorded settings (an older sampler)")
+    else:
+      keys = [k for k in sorted({*before, *now}) if before.get(k) != now.get(k)]
+      diff.append("other settings: " + ", ".join(
+          f"{k} {_short(before.get(k))} (this run: {_short(now.get(k))})" for k in keys[:3])
+          + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
+  names = fs.listdir(parts_dir) if fs.isdir(parts_dir) else []
+  has_samples = fs.isfile(fs.join(out_dir, "samples.npz")) or any(_PART.fullmatch(n) for n in names)
+  if diff and has_samples:
+    raise SampleFolderMismatch(f"{out_dir} holds samples of {' and of '.join(diff)}; "
+                               "use another --out or delete it")
+
+
+def _load_parts(parts_dir: str, record: dict, total: int, image_shape, x: np.ndarray):
+  """Fill `x` from every intact part; a damaged one (unreadable, wrong shape or record) is named
+  in a warning and set aside, so the listing that follows no longer counts it."""
+  ranges = _part_ranges(parts_dir, total)
+  names = fs.listdir(parts_dir) if fs.isdir(parts_dir) else []
+  for name in names:
+    if not (name.startswith("part_") and name.endswith(".npz")):
+      continue  # set aside earlier, or not ours
+    path, problem = fs.join(parts_dir, name), None
+    if name not in ranges:
+      problem = f"its name gives no index range within 0..{total}"
+    else:
+      a, b = ranges[name]
+      try:
+        with fs.load_npz(path) as z:
+          imgs, index, step, digest = z["images"], z["index"], int(z["step"]), str(z["settings"])
+      except Exception as e:  # noqa: BLE001 - truncated, not a zip, a missing array...
+        problem = f"cannot be read: {type(e).__name__}: {str(e)[:200]}"
+      else:
+        if imgs.shape != (b - a, *image_shape) or imgs.dtype != np.uint8:
+          problem = f"images {imgs.dtype}{list(imgs.shape)}, expected uint8{[b - a, *image_shape]}"
+        elif not np.array_equal(index, np.arange(a, b)):
+          problem = "its index record does not match its name"
+        elif (step, digest) != (record["step"], record["settings_hash"]):
+          problem = (f"made with step {step}, settings {digest} (this run: step {record['step']}, "
+                     f"settings {record['settings_hash']})")
+    if problem is None:
+      x[a:b] = imgs
+      continue
+    aside = f"{path}.damaged-{int(time.time())}"
+    logging.warning("Sample part %s is damaged (%s); set aside as %s and generated again.", path, problem, aside)
+    fs.rename(path, aside)
+
+
+def _save_part(parts_dir: str, a: int, imgs: np.ndarray, record: dict):
+  b = a + len(imgs)
+  fs.save_npz(fs.join(parts_dir, f"part_{a:07d}_{b:07d}.npz"), images=imgs, index=np.arange(a, b),
+              step=np.int64(record["step"]), settings=np.str_(record["settings_hash"]))
+
+
+def _sample_parts(out_dir: str, record: dict, total: int, batch: int, make_images, image_shape):
+  """Generate the samples that the folder's parts lack, in batches of `batch` indices (padded with
+  the last index; `make_images` runs on every process). Returns (all `total` images on process 0,
+  else None; how many were generated now; seconds)."""
+  parts_dir = fs.join(out_dir, "parts")
+  is_main = jax.process_index() == 0
+  _check_folder(out_dir, parts_dir, record)  # every process reads the same files: all refuse or none
+  multihost_utils.sync_global_devices("sample_check")
+  x = None
+  if is_main:
+    fs.write_text(fs.join(out_dir, "settings.json"), json.dumps(record, indent=1, default=str))
+    x = np.zeros((total, *image_shape), np.uint8)
+    _load_parts(parts_dir, record, total, image_shape, x)
+  multihost_utils.sync_global_devices("sample_parts")
+  # After the barrier every process lists the same intact parts, so all agree on what is missing.
+  covered = np.zeros(total, bool)
+  for a, b in _part_ranges(parts_dir, total).values():
+    covered[a:b] = True
+  missing = np.flatnonzero(~covered).astype(np.int32)
+  bar = tqdm(total=total, initial=total - len(missing), unit="img", desc="sample", disable=not is_main,
+             dynamic_ncols=True)
+  t0 = time.perf_counter()
+  for c in range(0, len(missing), batch):
+    idx = missing[c:c + batch]
+    n = len(idx)
+    imgs = make_images(np.pad(idx, (0, batch - n), mode="edge"))[:n]
+    if is_main:  # one part per run of consecutive indices; a part is whole or absent
+      x[idx] = imgs
+      for run in np.split(np.arange(n), np.flatnonzero(np.diff(idx) != 1) + 1):
+        _save_part(parts_dir, int(idx[run[0]]), imgs[run], record)
+    bar.update(n)
+  bar.close()
+  return x, len(missing), time.perf_counter() - t0
 
 
 def main(argv):
@@ -257,16 +418,15 @@ def main(argv):
     from pixeldit_jax.cli import UserError  # noqa: PLC0415
     raise UserError("give exactly one of --workdir (a training run) or --checkpoint (a checkpoint directory)")
   ckpt_dir = fs.resolve(f.checkpoint or fs.join(f.workdir, "checkpoints"))
-  out_dir = fs.resolve(f.out or fs.join(f.workdir or f.checkpoint,
-                                        "samples_" + settings_tag(config.sample)))
+  out_root = f.workdir or f.checkpoint  # the default out_dir is named by the step, known once restored
   if f.prompts:
-    summary = run_text(config, ckpt_dir, out_dir, read_prompts(f.prompts), f.step)
+    summary = run_text(config, ckpt_dir, f.out, read_prompts(f.prompts), f.step, out_root=out_root)
   else:
-    summary = run(config, ckpt_dir, out_dir, f.step)
+    summary = run(config, ckpt_dir, f.out, f.step, out_root=out_root)
   logging.info("sampling: %s", summary)
   rate = f", {summary['images_per_s']:.2f} images/s" if summary["images_per_s"] else ""
-  print(f"{summary['total']} samples ({summary['generated']} generated now{rate}) -> "
-        f"{summary.get('samples', out_dir)}; grid: {summary.get('grid', '-')}")
+  print(f"{summary['total']} samples of checkpoint step {summary['step']} ({summary['generated']} "
+        f"generated now{rate}) -> {summary.get('samples', summary['out_dir'])}; grid: {summary.get('grid', '-')}")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,14 @@ def test_train_kill_resume_sample_evaluate_on_the_bucket(bucket, tmp_path):
   with fs.load_npz(result["samples"]) as z:
     assert z["arr_0"].shape == (6, 16, 16, 3) and z["labels"].tolist() == [0, 0, 1, 1, 2, 2]
   assert fs.isfile(f"{out_dir}/grid.png") and json.loads(fs.read_text(f"{out_dir}/settings.json"))["total"] == 6
+  # A damaged part on the bucket is set aside (a copy, then a delete there) and generated again.
+  first = fs.listdir(f"{out_dir}/parts")[0]
+  a, b = (int(v) for v in first[5:-4].split("_"))
+  fs.write_bytes(f"{out_dir}/parts/{first}", b"not a zip")
+  assert sample_lib.run(config, ckpt_dir, out_dir)["generated"] == b - a
+  assert any(n.startswith(first + ".damaged-") for n in fs.listdir(f"{out_dir}/parts"))
+  with fs.load_npz(result["samples"]) as z:
+    assert z["arr_0"].shape == (6, 16, 16, 3)
 
   # Evaluate: inputs, (random) Inception weights and the report all on the bucket.
   inception.save_npz(inception.random_weights(0), f"{bucket}/weights/inception.npz")

@@ -1,6 +1,6 @@
 """Text-to-image training: the sigma convention against the ImageNet one, the released stage
 configs, start-up errors for missing weights and data, and the :smoke run end to end (train with
-the in-step MiniLM encoder and CAME, resume, sample from a prompt file)."""
+the in-step MiniLM encoder and CAME, resume, sample from a prompt file and resume that)."""
 
 import json
 import os
@@ -112,15 +112,20 @@ def test_smoke_run_trains_resumes_and_samples_from_a_prompt_file(tmp_path):
   assert meta["time_convention"] == "t2i_sigma" and meta["model"]["text_dim"] == 384
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a red sneaker on a blue background, top left\n\na white bag on a black background, bottom right\n")
-  out = str(tmp_path / "samples")
-  summary = sample.run_text(c, ckpt, out, sample.read_prompts(str(prompts)))
+  c.sample.batch_size = 2  # two parts, one dropped below
+  summary = sample.run_text(c, ckpt, None, sample.read_prompts(str(prompts)), out_root=str(tmp_path))
+  out = summary["out_dir"]
+  assert summary["step"] == 4 and os.path.basename(out).startswith("samples_step4_dpm_solver_pp_2m4_")
   data = np.load(os.path.join(out, "samples.npz"))
   per = c.sample.num_per_prompt
   assert data["arr_0"].shape == (2 * per, 56, 56, 3) and data["arr_0"].dtype == np.uint8
   assert list(data["captions"][:per]) == ["a red sneaker on a blue background, top left"] * per
   assert os.path.isfile(summary["grid"]) and len(os.listdir(os.path.join(out, "images"))) == 2 * per
   settings = json.load(open(os.path.join(out, "settings.json")))
-  assert settings["sampler"] == "dpm_solver_pp_2m"
-  # Samples depend only on (seed, index, prompt): a second run reproduces them.
-  again = sample.run_text(c, ckpt, str(tmp_path / "again"), sample.read_prompts(str(prompts)))
-  np.testing.assert_array_equal(np.load(os.path.join(again["out_dir"], "samples.npz"))["arr_0"], data["arr_0"])
+  assert settings["sampler"] == "dpm_solver_pp_2m" and settings["step"] == 4
+  # Resumes from its parts; samples depend only on (seed, index, prompt): the rerun reproduces them.
+  os.remove(os.path.join(out, "samples.npz"))
+  os.remove(os.path.join(out, "parts", "part_0000000_0000002.npz"))
+  again = sample.run_text(c, ckpt, out, sample.read_prompts(str(prompts)))
+  assert again["generated"] == 2
+  np.testing.assert_array_equal(np.load(os.path.join(out, "samples.npz"))["arr_0"], data["arr_0"])
