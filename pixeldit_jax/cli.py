@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import logging
 import os
 import re
 import sys
@@ -88,22 +89,37 @@ def debug_requested(argv: Sequence[str]) -> bool:
   return False
 
 
-def report(e: BaseException, argv: Sequence[str] = (), hint: Optional[str] = None) -> int:
-  """Print `e` as one `error:` line (plus the traceback when asked for); the exit code."""
+def report(e: BaseException, argv: Sequence[str] = (), hint: Optional[str] = None,
+           silence_rest: bool = False) -> int:
+  """Print `e` as one `error:` line (plus the traceback when asked for); the exit code.
+
+  `silence_rest` (a program about to exit): stderr is closed first, so that what failing
+  background work (an async checkpoint's threads, unretrieved asyncio tasks) prints while the
+  interpreter shuts down cannot repeat the error or cut into its line."""
   problem = disk_problem(e)
   text = message(e)
-  if problem and problem not in text.lower():
-    text = f"{problem}: {text}"
+  if problem:  # storage libraries bury the cause in long messages: say it, and the file
+    where = getattr(e, "filename", None) or next(iter(re.findall(r'"(/[^"]+|gs://[^"]+)"', str(e))), None)
+    text = f"{problem}" + (f" writing {where}" if where else f": {text}")
   if hint:
     text = f"{text} ({hint})"
   if debug_requested(argv):
     traceback.print_exception(e)
+  elif silence_rest:
+    logging.disable(logging.CRITICAL)
+    sys.stderr.flush()
+    err = os.dup(sys.stderr.fileno())
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    os.write(err, f"error: {text}\n".encode())
+    os.close(err)
+    return EXIT_ERROR
   print(f"error: {text}", file=sys.stderr)
   return EXIT_ERROR
 
 
 def guard(fn: Callable[[], Optional[int]], argv: Optional[Sequence[str]] = None,
-          hint: Callable[[BaseException], Optional[str]] = lambda e: None) -> int:
+          hint: Callable[[BaseException], Optional[str]] = lambda e: None,
+          silence_rest: bool = False) -> int:
   """Run an entry point's body: expected errors become one line and exit code 2, other exceptions
   propagate with their traceback. `hint(e)` may add context (e.g. the last good checkpoint)."""
   argv = sys.argv if argv is None else argv
@@ -115,7 +131,7 @@ def guard(fn: Callable[[], Optional[int]], argv: Optional[Sequence[str]] = None,
   except Exception as e:  # noqa: BLE001 - sorted into expected (one line) and bugs (re-raised)
     if not is_expected(e):
       raise
-    return report(e, argv, hint(e))
+    return report(e, argv, hint(e), silence_rest)
 
 
 # ----------------------------------------------------------------------------- absl entry points
@@ -210,7 +226,8 @@ def run_absl(main: Callable[[Sequence[str]], Optional[int]], define_flags: Calla
       app.usage(shorthelp=True, writeto_stdout=True)
     sys.exit(0)
   argv = list(sys.argv)
-  app.run(lambda args: guard(lambda: main(args), argv, hint), flags_parser=_parse_flags)
+
+  app.run(lambda args: guard(lambda: main(args), argv, hint, silence_rest=True), flags_parser=_parse_flags)
 
 
 # ----------------------------------------------------------------------------- argparse entry points

@@ -2,7 +2,7 @@
 
 Entry points call `setup(workdir)` once. Then the console shows what a person needs (lines sent
 through `console()`: the run summary, one line per log interval, progress messages), our own
-warnings and every library's errors; everything else at INFO and above (Orbax, absl, jax, grain,
+warnings and errors, and libraries' critical records; everything else at INFO and above (Orbax, absl, jax, grain,
 gcsfs, tensorstore...) goes to ``<workdir>/log.txt`` only. ``--verbosity=N`` given on the command
 line puts every record at that level on the console as well, as absl does by default.
 
@@ -81,7 +81,21 @@ class _ConsoleFilter(logging.Filter):
     if self.level is not None:
       return record.levelno >= self.level
     ours = record.pathname.startswith(_PACKAGE_DIR)
-    return record.levelno >= logging.ERROR or (ours and record.levelno >= logging.WARNING)
+    # Library errors (e.g. Orbax's save threads, each with a traceback, on a full disk) go to the
+    # file only: the entry point ends the run with one `error:` line that names the cause.
+    return (ours and record.levelno >= logging.WARNING) or record.levelno >= logging.CRITICAL
+
+
+class _FileHandler(logging.FileHandler):
+  """The log file; when a write fails (full disk, lost mount) it stops writing instead of
+  printing logging's own traceback for every later record. The run's error line names the cause."""
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    self.broken = True
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if not getattr(self, "broken", False):
+      super().emit(record)
 
 
 def _reject(record: logging.LogRecord) -> bool:
@@ -200,7 +214,7 @@ def setup(workdir: str, process_index: Union[int, Callable[[], int]] = 0,
     else:
       fs.makedirs(fs.resolve(workdir))
       local = target
-    file_handler = logging.FileHandler(local, mode="a")
+    file_handler = _FileHandler(local, mode="a")
     file_handler.setFormatter(fmt)
   finally:
     root.removeHandler(early)

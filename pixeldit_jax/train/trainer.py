@@ -140,6 +140,41 @@ def _setup_repa(config, model_cfg, mesh):
   return abstract_projector, make_projector, teacher, {"teacher": teacher_params}
 
 
+class MissingInputsError(FileNotFoundError):
+  """Inputs of the config that are not there: all of them, in one message."""
+
+
+def _setup_inputs(config, model_cfg, mesh):
+  """The REPA teacher, the conditioning (text encoder or cache), precomputed REPA features and the
+  data pipeline. Everything that can be missing fails here, before any compilation, and all of it
+  at once: one rerun, not three, to learn that a stage needs text, data and teacher paths."""
+  missing = []
+
+  def gather(fn):
+    try:
+      return fn()
+    except FileNotFoundError as e:
+      missing.append(cli.message(e))
+      return None
+
+  repa = gather(lambda: _setup_repa(config, model_cfg, mesh))
+  cond = gather(lambda: conditioning_lib.make(config))
+  teacher = repa[2] if repa else None
+  feature_table = None
+  if teacher is not None and teacher.features_fn is None:
+    from pixeldit_jax.train.repa_features import FeatureTable  # noqa: PLC0415
+    feature_table = gather(lambda: FeatureTable(config.repa.features_path, teacher.grid[0] * teacher.grid[1],
+                                                config.repa.teacher_dim))
+  text = config.model.get("text_dim") is not None
+  pipeline = gather(lambda: data.build_text_image(config) if text else data.build(config))
+  if len(missing) == 1:
+    raise MissingInputsError(missing[0])
+  if missing:
+    raise MissingInputsError(f"{len(missing)} inputs are missing: "
+                             + " ".join(f"({i}) {m}" for i, m in enumerate(missing, 1)))
+  return repa, cond, feature_table, pipeline
+
+
 def _load_initial_weights(state, directory: str, state_shardings):
   """Start from another run's or an imported checkpoint's weights with a fresh optimizer (the
   official --load_from between T2I stages): the online weights (or EMA where there are none), and
@@ -233,20 +268,11 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
                      "devices of the mesh's data and fsdp axes")
   model = abstract_model(model_cfg)
   graphdef = nnx.graphdef(model)
-  # Everything that can be missing (teacher weights, text encoder, data) fails here, before any
-  # compilation, with a message naming what to provide.
-  abstract_projector, make_projector, teacher, frozen = _setup_repa(config, model_cfg, mesh)
+  (abstract_projector, make_projector, teacher, frozen), cond, feature_table, pipeline = (
+      _setup_inputs(config, model_cfg, mesh))
   tx = optimizer_lib.for_training(tcfg, model, abstract_projector)
-  cond = conditioning_lib.make(config)
   frozen.update(cond.frozen())
-  feature_table = None
-  if teacher is not None and teacher.features_fn is None:
-    from pixeldit_jax.train.repa_features import FeatureTable  # noqa: PLC0415
-    feature_table = FeatureTable(config.repa.features_path, teacher.grid[0] * teacher.grid[1],
-                                 config.repa.teacher_dim)
   state_shardings = state_lib.shardings(model, tx, mesh, rules, abstract_projector)
-
-  pipeline = data.build_text_image(config) if cond.text else data.build(config)
   data_iter = iter(pipeline)
   checkpointer = ckpt_lib.TrainCheckpointer(fs.join(workdir, "checkpoints"),
                                             every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints)

@@ -31,13 +31,16 @@ from typing import Iterator, Optional
 import jax
 import numpy as np
 
-from pixeldit_jax import fs
+from pixeldit_jax import cli, fs
 
 LOCK_NAME = "run.lock"
 
 
 class WorkdirLockedError(RuntimeError):
   """Another live training run owns the workdir."""
+
+
+cli.register(WorkdirLockedError)  # entry points print it as one `error:` line
 
 
 def _now_text(t: float) -> str:
