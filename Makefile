@@ -13,6 +13,10 @@ PY := $(VENV)/bin/python
 # installed from a local wheel when one is there, never pulled from the index (a CUDA build).
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-*+cpu-cp311-*.whl))
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist); whole files go to one process so module fixtures are built once.
+# PYTEST_WORKERS=0 runs the suite in this process (e.g. to debug one test).
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 .PHONY: venv test demo demo-t2i fmnist-data bench clean
 
@@ -34,7 +38,7 @@ venv: $(VENV)/.installed
 
 # Without the Debian Fashion-MNIST, tests/conftest.py generates a synthetic stand-in in .test_data/.
 test: venv fmnist-data
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # Fashion-MNIST comes from a Debian package; without root/apt the demo falls back to MNIST-5k.
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
