@@ -418,15 +418,24 @@ def main(argv):
     from pixeldit_jax.cli import UserError  # noqa: PLC0415
     raise UserError("give exactly one of --workdir (a training run) or --checkpoint (a checkpoint directory)")
   ckpt_dir = fs.resolve(f.checkpoint or fs.join(f.workdir, "checkpoints"))
+  if not fs.isdir(ckpt_dir):
+    raise ckpt_lib.CheckpointError(f"No checkpoint directory at {ckpt_dir}")
   out_root = f.workdir or f.checkpoint  # the default out_dir is named by the step, known once restored
-  if f.prompts:
-    summary = run_text(config, ckpt_dir, f.out, read_prompts(f.prompts), f.step, out_root=out_root)
-  else:
-    summary = run(config, ckpt_dir, f.out, f.step, out_root=out_root)
-  logging.info("sampling: %s", summary)
-  rate = f", {summary['images_per_s']:.2f} images/s" if summary["images_per_s"] else ""
-  print(f"{summary['total']} samples of checkpoint step {summary['step']} ({summary['generated']} "
-        f"generated now{rate}) -> {summary.get('samples', summary['out_dir'])}; grid: {summary.get('grid', '-')}")
+  from pixeldit_jax import logs  # noqa: PLC0415
+  # Library INFO (Orbax, jax) goes to log.txt beside the samples (or in the workdir), as in training.
+  logs.setup(f.out or out_root, process_index=jax.process_index)
+  try:
+    if f.prompts:
+      summary = run_text(config, ckpt_dir, f.out, read_prompts(f.prompts), f.step, out_root=out_root)
+    else:
+      summary = run(config, ckpt_dir, f.out, f.step, out_root=out_root)
+    logging.info("sampling: %s", summary)
+    rate = f", {summary['images_per_s']:.2f} images/s" if summary["images_per_s"] else ""
+    logs.console(f"{summary['total']} samples of checkpoint step {summary['step']} ({summary['generated']} "
+                 f"generated now{rate}) -> {summary.get('samples', summary['out_dir'])}; "
+                 f"grid: {summary.get('grid', '-')}")
+  finally:
+    logs.close()
 
 
 if __name__ == "__main__":
