@@ -124,6 +124,24 @@ def test_training_mistakes_are_one_line_each(tmp_path):
     assert field in r.stderr
 
 
+def test_mesh_and_data_mistakes_are_one_line_each(tmp_path):
+  common = ["--config=tiny.py:size=tiny", f"--workdir={tmp_path}/run", "--config.image_size=(16,16)"]
+  r = run("pixeldit_jax.main", *common, "--config.batch_size=3", "--config.sharding.mesh_shape=(2,1,1)",
+          "--config.data.source=fake", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      "error: batch_size 3 is not divisible by the 2 devices of the mesh's data and fsdp axes"], r.stderr[-2000:]
+  r = run("pixeldit_jax.main", *common, "--config.data.source=folder", f"--config.data.path={tmp_path}/nothing")
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+  assert r.stderr.startswith(f"error: Image folder '{tmp_path}/nothing' does not exist")
+
+
+def test_inception_converter_mistakes_are_one_line(tmp_path, capsys):
+  from pixeldit_jax.evaluation import inception
+  assert inception.main(["--convert", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "w.npz")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: InceptionV3 weights file not found")
+
+
 def test_sampler_without_a_checkpoint_is_one_line(tmp_path):
   r = run("pixeldit_jax.sample", "--config=fashion_mnist.py", f"--checkpoint={tmp_path}/none")
   assert r.returncode == 2 and r.stderr == f"error: No checkpoint directory at {tmp_path}/none\n", r.stderr

@@ -535,8 +535,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{sum(int(np.prod(np.shape(v))) for v in weights.values()):,} values")
     return 0
   except (InceptionWeightsError, InceptionWeightsNotFound, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return cli.report(e, sys.argv)  # one line, exit code 2 as every entry point
 
 
 if __name__ == "__main__":
