@@ -168,6 +168,31 @@ def test_gemma2_chi_prompt_rule(gemma_dir):
   np.testing.assert_array_equal(plain.tokenize(["w7"])["ids"], null["ids"][1:])
 
 
+def _released_tokens(ids, max_length, bos=2, pad=0):
+  """The release's tokenizer(texts, max_length, padding="max_length", truncation=True) for a Gemma
+  tokenizer: <bos>, then the text's tokens cut from the end to fit, then <pad> (transcribed)."""
+  kept = [bos] + list(ids)[:max_length - 1]
+  return kept + [pad] * (max_length - len(kept))
+
+
+def test_gemma2_long_caption_truncated_with_one_warning(gemma_dir, monkeypatch, caplog):
+  from pixeldit_jax.text import base
+  monkeypatch.setattr(base, "_warned_truncation", False)
+  enc = Gemma2Encoder.from_dir(gemma_dir, length=6, chi_prompt="w1 w2 w3 w4 ")
+  w = lambda i: i + 4  # noqa: E731  (id of word w{i})
+  long = " ".join(WORDS[10:40])
+  with caplog.at_level("WARNING", logger="pixeldit_jax.text.base"):
+    tok = enc.tokenize([long, "w5"])
+    emb, _ = enc.encode([long])  # no error, the usual shape
+    null = enc.tokenize([long], null=True)
+  chi_and_caption = [w(1), w(2), w(3), w(4)] + [w(i) for i in range(10, 40)]
+  np.testing.assert_array_equal(tok["ids"][0], _released_tokens(chi_and_caption, enc.max_length))
+  np.testing.assert_array_equal(null["ids"][0], _released_tokens([w(i) for i in range(10, 40)], 6))
+  assert emb.shape == (1, 6, 32)
+  warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
+  assert len(warnings) == 1 and "1 of 2 texts exceed 9 tokens" in warnings[0].getMessage()
+
+
 def test_chi_prompt_constant():
   lines = CHI_PROMPT.split("\n")
   assert len(lines) == 8 and lines[-1] == "User Prompt: "

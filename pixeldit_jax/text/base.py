@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import logging
 import os
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
@@ -21,6 +22,19 @@ from flax import nnx
 from pixeldit_jax import fs
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+log = logging.getLogger(__name__)
+_warned_truncation = False  # once per process: long captions recur every epoch
+
+
+def warn_truncated(what: str, count: int, total: int, limit: int) -> None:
+  """Log (once per run) that `count` of `total` texts were cut to `limit` tokens, the tail dropped
+  as the released code's Hugging Face tokenizer does (truncation=True, right side)."""
+  global _warned_truncation
+  if count and not _warned_truncation:
+    _warned_truncation = True
+    log.warning("%s: %d of %d texts exceed %d tokens and are truncated (the end is dropped, as in "
+                "the released code); further truncations are not reported", what, count, total, limit)
 
 
 def resolve_dtype(name) -> jnp.dtype:

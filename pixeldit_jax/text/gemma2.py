@@ -23,7 +23,8 @@ the prompt is prefixed by SANA's "complex human instruction" (`CHI_PROMPT`), tok
 instruction tokenised alone; the 2 are that <bos> and the instruction's trailing space, which
 merges into the first prompt token), and of Gemma's output only position 0 (<bos>) and the last
 ``length - 1`` positions are kept. The unconditional / negative prompt is tokenised without the
-instruction, padded to ``length``, and every position is kept.
+instruction, padded to ``length``, and every position is kept. Text beyond either budget is cut
+from the end, <bos> kept (the release's ``truncation=True``), and the first cut logs a warning.
 """
 
 from __future__ import annotations
@@ -259,12 +260,16 @@ class Gemma2Tokenizer:
 
   def encode(self, texts: Sequence[str], max_length: Optional[int] = None) -> list:
     """Token ids with the special tokens; at most `max_length` of them."""
-    out = []
+    out, cut = [], 0
     for enc in self.tok.encode_batch(list(texts), add_special_tokens=False):
       ids = list(enc.ids)
       if max_length is not None:
-        ids = ids[:max(max_length - self.add_bos - self.add_eos, 0)]
+        room = max(max_length - self.add_bos - self.add_eos, 0)
+        cut += len(ids) > room
+        ids = ids[:room]
       out.append([self.bos_id] * self.add_bos + ids + [self.eos_id] * self.add_eos)
+    if max_length is not None:
+      base.warn_truncated(WHAT, cut, len(out), max_length)
     return out
 
 

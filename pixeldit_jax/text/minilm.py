@@ -161,6 +161,7 @@ class MiniLMEncoder(base.TextEncoder):
 
   def tokenize(self, prompts, *, null=False):
     enc = self.tokenizer.encode_batch(list(prompts))
+    base.warn_truncated(WHAT, sum(bool(e.overflowing) for e in enc), len(enc), self.length)
     shape = (len(enc), self.length)
     return {"ids": np.asarray([e.ids for e in enc], np.int32).reshape(shape),
             "mask": np.asarray([e.attention_mask for e in enc], np.int32).reshape(shape)}
