@@ -101,7 +101,7 @@ def train_defaults() -> ml_collections.ConfigDict:
 def sample_defaults() -> ml_collections.ConfigDict:
   """The sampling binary's settings: the released 320-epoch ImageNet-256 evaluation (spec §5.2)."""
   return ml_collections.ConfigDict(dict(
-      sampler="ab2",  # the released "FlowDPMSolver"; also "euler", "heun"
+      sampler="ab2",  # the released "FlowDPMSolver"; also "euler", "heun", "heun_released"
       num_steps=100, cfg_scale=2.75, cfg_interval=(0.1, 0.9), time_shift=1.0,
       num_per_class=50,  # 50 x 1000 classes = the 50K-sample FID protocol
       batch_size=64,  # global; rounded up to a multiple of the batch devices

@@ -40,7 +40,7 @@ def test_convergence_order(name, order):
     assert 2 ** order * 0.75 < r < 2 ** order * 1.35, (errs, ratios)
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "ab2"])
+@pytest.mark.parametrize("name", ["euler", "heun", "heun_released", "ab2"])
 def test_shifted_grids_converge(name):
   assert error(name, 200, shift=3.0) < error(name, 25, shift=3.0) / 4
 
@@ -66,7 +66,7 @@ def _class_velocity(x, t, cond):
 def test_cfg_scale_one_is_the_conditional_sample_and_guidance_is_applied_in_the_interval():
   cond = jnp.full((64,), 5, jnp.int32)
   uncond = jnp.full((64,), 10, jnp.int32)
-  for name in ("euler", "heun", "ab2"):
+  for name in ("euler", "heun", "heun_released", "ab2"):
     plain = samplers.sample(name, _class_velocity, NOISE, cond, num_steps=10)
     w1 = samplers.sample(name, _class_velocity, NOISE, cond, uncond, num_steps=10, cfg_scale=1.0)
     np.testing.assert_allclose(w1, plain, atol=1e-6)
@@ -142,3 +142,76 @@ def test_sigma_grid_runs_from_shifted_0999_to_zero():
 
 def test_to_uint8_rounding():
   np.testing.assert_array_equal(samplers.to_uint8(jnp.array([-1.0, 0.0, 1.0, 2.0])), [0, 128, 255, 255])
+
+
+def _linear_velocity(x, t, cond):
+  # Linear in x and t, with a class-dependent offset so that CFG changes the result.
+  t = t.reshape(-1, *([1] * (x.ndim - 1)))
+  c = cond.reshape(-1, *([1] * (x.ndim - 1))).astype(jnp.float32)
+  return 0.3 * c - (0.8 + 0.5 * t) * x + 0.2 * t
+
+
+def _released_heun_reference(x, cond, uncond, n, shift, w, lo, hi):
+  """The released HeunSampler (exact_henu=False, ODE step) transcribed in NumPy float64."""
+  grid = np.concatenate([np.linspace(0.0, 1.0 - 1.0 / n, n), [1.0]])
+  grid = grid / (grid + (1 - grid) * shift)
+
+  def vel(x, t):
+    def f(c):
+      return np.asarray(_linear_velocity(jnp.asarray(x), jnp.full((x.shape[0],), t), c), np.float64)
+    if uncond is None:
+      return f(cond)
+    vu, vc = f(uncond), f(cond)
+    return vu + w * (vc - vu) if lo < t < hi else vc
+
+  x = np.asarray(x, np.float64)
+  v_hat = None
+  for i in range(n):
+    dt = grid[i + 1] - grid[i]
+    v = vel(x, grid[i]) if i == 0 else v_hat
+    x_hat = x + dt * v
+    if i < n - 1:
+      v_hat = vel(x_hat, grid[i + 1])
+      x = x + dt * (v + v_hat) / 2
+    else:
+      x = x_hat  # the last step is Euler with the reused velocity
+  return x
+
+
+@pytest.mark.parametrize("n,shift,cfg,interval", [
+    (1, 1.0, 1.0, (0.0, 1.0)), (7, 1.0, 1.0, (0.0, 1.0)), (10, 2.0, 3.0, (0.1, 0.9))])
+def test_heun_released_matches_a_transcription_of_the_released_rule(n, shift, cfg, interval):
+  cond, uncond = jnp.full((64,), 2, jnp.int32), jnp.full((64,), -1, jnp.int32)
+  use_cfg = cfg != 1.0
+  out = samplers.sample("heun_released", _linear_velocity, NOISE, cond, uncond if use_cfg else None,
+                        num_steps=n, cfg_scale=cfg, interval=interval, shift=shift)
+  ref = _released_heun_reference(NOISE, cond, uncond if use_cfg else None, n, shift, cfg, *interval)
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  # It is not the textbook method (which also corrects the last step).
+  if n > 1:
+    textbook = samplers.sample("heun", _linear_velocity, NOISE, cond, uncond if use_cfg else None,
+                               num_steps=n, cfg_scale=cfg, interval=interval, shift=shift)
+    assert float(jnp.max(jnp.abs(textbook - out))) > 1e-3
+
+
+def test_heun_released_evaluates_the_model_once_per_step():
+  calls = []
+
+  def counting(x, t, c):
+    calls.append(1)  # traced once per call site: scan bodies count once
+    return _linear_velocity(x, t, c)
+
+  # Step 0's evaluation, one in the scanned body and none in the final Euler step.
+  samplers.heun_released(counting, NOISE, COND, num_steps=5)
+  assert len(calls) == 2
+
+
+def test_config_accepts_heun_released_only_for_the_class_conditional_convention():
+  from pixeldit_jax import config_lib  # noqa: PLC0415
+  c = config_lib.load("configs/imagenet256_xl.py")
+  c.sample.sampler = "heun_released"
+  config_lib.validate(c)
+  t2i = config_lib.load("configs/t2i_1024.py")
+  t2i.sample.sampler = "heun_released"
+  with pytest.raises(ValueError, match="sample.sampler"):
+    config_lib.validate(t2i)

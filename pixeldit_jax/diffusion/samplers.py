@@ -3,7 +3,9 @@
 ImageNet convention (spec §4.1, §5.1): t runs from 0 (noise) to 1 (data), `apply(x, t, cond)`
 returns the velocity x - eps. The grid is linspace(0, 1 - 1/N, N) with 1.0 appended, then
 time-shifted. Samplers: `ab2` (the released "FlowDPMSolver": Adams-Bashforth 2 on the velocity,
-first step Euler, fixed 1.5/-0.5 weights as released), `euler`, `heun`.
+first step Euler, fixed 1.5/-0.5 weights as released), `euler`, `heun` (textbook) and
+`heun_released` (the released HeunSampler's default: the corrector evaluation is reused as the
+next predictor, and the last step is Euler).
 
 Text-to-image convention (spec §7.4): sigma runs from ~1 (noise) to 0 (data), `apply(x, 1000 *
 sigma, cond)` returns eps - x0 and x0 = x - sigma * v. Sampler: `dpm_solver_pp_2m` (multistep
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 
 from pixeldit_jax.diffusion.flow import sigma_shift, time_shift
 
-SAMPLERS = ("ab2", "euler", "heun")  # ImageNet convention
+SAMPLERS = ("ab2", "euler", "heun", "heun_released")  # ImageNet convention
 SIGMA_SAMPLERS = ("dpm_solver_pp_2m",)  # text-to-image (sigma) convention
 
 
@@ -75,6 +77,28 @@ def heun(apply: Callable, noise, cond, uncond=None, *, num_steps: int, cfg_scale
   return jax.lax.scan(step, noise, jnp.arange(num_steps))[0]
 
 
+def heun_released(apply: Callable, noise, cond, uncond=None, *, num_steps: int,
+                  cfg_scale: float = 1.0, interval=(0.0, 1.0), shift: float = 1.0) -> jax.Array:
+  """The released HeunSampler with its default exact_henu=False (one evaluation per step).
+
+  Only step 0 evaluates at the current x. Step i predicts x_hat = x + dt v with v the corrector
+  evaluation of step i - 1 (taken at that step's x_hat, not at the corrected x), evaluates
+  v_hat = v(x_hat, t_{i+1}) and corrects x += dt (v + v_hat) / 2. The last step is plain Euler
+  with the carried v and makes no new evaluation, so N steps cost N evaluations. CFG at the
+  corrector uses the interval test at t_{i+1}, as released.
+  """
+  grid, v = time_grid(num_steps, shift), _velocity_fn(apply, cond, uncond, cfg_scale, interval)
+
+  def step(carry, i):
+    x, v_pred = carry
+    dt = grid[i + 1] - grid[i]
+    v_hat = v(x + dt * v_pred, grid[i + 1])
+    return (x + dt * 0.5 * (v_pred + v_hat), v_hat), None
+
+  x, v_last = jax.lax.scan(step, (noise, v(noise, grid[0])), jnp.arange(num_steps - 1))[0]
+  return x + (grid[num_steps] - grid[num_steps - 1]) * v_last
+
+
 def ab2(apply: Callable, noise, cond, uncond=None, *, num_steps: int, cfg_scale: float = 1.0,
         interval=(0.0, 1.0), shift: float = 1.0) -> jax.Array:
   """The released "FlowDPMSolver": x += dt (1.5 v_k - 0.5 v_{k-1}), the first step Euler.
@@ -94,8 +118,8 @@ def ab2(apply: Callable, noise, cond, uncond=None, *, num_steps: int, cfg_scale:
 
 
 def sample(name: str, *args, **kwargs) -> jax.Array:
-  """Dispatch by sampler name ('ab2', 'euler', 'heun')."""
-  fns = {"ab2": ab2, "euler": euler, "heun": heun}
+  """Dispatch by sampler name (one of SAMPLERS)."""
+  fns = {"ab2": ab2, "euler": euler, "heun": heun, "heun_released": heun_released}
   if name not in fns:
     raise ValueError(f"Unknown sampler {name!r}; choose one of {sorted(fns)}")
   return fns[name](*args, **kwargs)
