@@ -8,12 +8,13 @@
       --config.data.path=SHARDS --config.text.path=GEMMA_DIR --config.train.init_from=W2/checkpoints
   python -m pixeldit_jax.sample --config=configs/t2i_1024.py --checkpoint=W3/checkpoints --prompts=FILE
 
-Variants (spec §7.2): `:stage1` 512x512 fixed (resize + centre crop), REPA 0.5 on MM-DiT block 6
-with DINOv2 at 224x224, shift 3, LR 1e-4, clip 0.2, 400 K steps at batch 1024; `:stage2` 512 with
-the 40 aspect buckets, no REPA; `:stage3` (the default) 1024 with the 7 aspect buckets, shift 4,
-LR 2e-5, clip 0.1, 100 K steps at batch 768. All: CAME (0.9, 0.999, 0.9999), eps (1e-30, 1e-16),
-2,000 warmup steps, bf16, EMA off, 10% caption dropout. `:smoke` is a scaled-down model with the
-MiniLM encoder on captioned Fashion-MNIST that runs on a laptop CPU in a couple of minutes.
+Variants (spec §7.2): `:stage1` 512x512 fixed (bilinear resize + centre crop), REPA 0.5 on MM-DiT
+block 6 with DINOv2 at 224x224, shift 3, LR 1e-4, clip 0.2, 400 K steps at batch 1024; `:stage2`
+512 with the 40 aspect buckets (bicubic resize), no REPA; `:stage3` (the default) 1024 with the 7
+aspect buckets, shift 4, LR 2e-5, clip 0.1, 100 K steps at batch 768. All: CAME (0.9, 0.999,
+0.9999), eps (1e-30, 1e-16), 2,000 warmup steps, bf16, EMA off, 10% caption dropout. `:smoke` is a
+scaled-down model with the MiniLM encoder on captioned Fashion-MNIST that runs on a laptop CPU in a
+couple of minutes.
 
 Hardware: the paper trained on A100/H100 nodes (batch 1024 at 512, 768 at 1024); on TPU use a
 v5p-128 or larger with FSDP (the default mesh). Data: webdataset tar shards of image + caption
@@ -67,6 +68,8 @@ def get_config(arg=None):
   c.text = text_section(encoder="gemma2", dtype="bfloat16")
   c.data.update(dict(source="webdataset", num_workers=8))
   c.data.buckets = st["buckets"]
+  # As released: bilinear in the fixed-512 stage 1 (PixelDataset), bicubic with buckets.
+  c.data.resize = "bilinear" if st["buckets"] is None else "bicubic"
   t = c.train
   t.num_steps = st["steps"]
   t.optimizer, t.b1, t.b2, t.b3, t.came_eps = "came", 0.9, 0.999, 0.9999, (1e-30, 1e-16)

@@ -100,6 +100,37 @@ def test_resize_to_bucket_covers_and_crops_the_centre():
   assert buckets.cover_size(100, 100, (64, 32)) == (64, 64)
 
 
+def _released_fixed_transform(img, n):
+  """The release's stage-1 PixelDataset transform, transcribed: torchvision Resize(n, BILINEAR)
+  (short side to n, long side int(n * long / short), PIL's resize) then CenterCrop(n)."""
+  w, h = img.size
+  long = int(n * max(w, h) / min(w, h))
+  new_w, new_h = (n, long) if w <= h else (long, n)
+  img = img.resize((new_w, new_h), Image.BILINEAR)
+  top, left = int(round((new_h - n) / 2.0)), int(round((new_w - n) / 2.0))
+  return img.crop((left, top, left + n, top + n))
+
+
+def test_t2i_stage1_resizes_bilinearly_as_released(tmp_path):
+  from pixeldit_jax import config_lib
+  stage1 = config_lib.load("configs/t2i_1024.py:stage1")
+  assert (stage1.data.resize, stage1.data.buckets) == ("bilinear", None)
+  for stage in ("stage2", "stage3"):  # the bucketed stages keep the release's bicubic
+    assert config_lib.load(f"configs/t2i_1024.py:{stage}").data.resize == "bicubic"
+  rng = np.random.default_rng(3)
+  a = rng.integers(0, 256, (300, 703, 3), dtype=np.uint8)  # upscaled, odd crop margin
+  Image.fromarray(a).save(tmp_path / "a.png")
+  (tmp_path / "captions.tsv").write_text("a.png\ta wide image\n")
+  stage1.batch_size = 1
+  stage1.data.update(dict(source="caption_folder", path=str(tmp_path), num_workers=0))
+  (batch,) = take(stage1, 1)
+  expected = np.asarray(_released_fixed_transform(Image.fromarray(a), 512))
+  np.testing.assert_array_equal(batch["image"][0], expected)
+  assert not np.array_equal(expected, buckets.resize_to_bucket(Image.fromarray(a), (512, 512)))
+  with pytest.raises(ValueError, match="resize must be one of"):
+    ti.build_text_image(make_config(source="fake_text", resize="lanczos"), 0, 1)
+
+
 # ---------------------------------------------------------------- sources
 
 

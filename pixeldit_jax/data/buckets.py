@@ -97,13 +97,17 @@ def cover_size(height: int, width: int, target: Sequence[int]) -> tuple[int, int
   return max(new_h, th), max(new_w, tw)  # guards float round-off below the target
 
 
-def resize_to_bucket(img: Image.Image, target: Sequence[int]) -> Image.Image:
-  """Resize to cover target (H, W) with bicubic filtering, then crop the centre to exactly target."""
+FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def resize_to_bucket(img: Image.Image, target: Sequence[int], resample: str = "bicubic") -> Image.Image:
+  """Resize to cover target (H, W) (PIL filter `resample`, 'bicubic' | 'bilinear'), then crop the
+  centre to exactly target: torchvision's Resize + CenterCrop on a PIL image, as released."""
   th, tw = int(target[0]), int(target[1])
   if img.size == (tw, th):
     return img
   new_h, new_w = cover_size(img.height, img.width, (th, tw))
   if (new_w, new_h) != img.size:
-    img = img.resize((new_w, new_h), resample=Image.BICUBIC)
+    img = img.resize((new_w, new_h), resample=FILTERS[resample])
   top, left = int(round((new_h - th) / 2.0)), int(round((new_w - tw) / 2.0))
   return img.crop((left, top, left + tw, top + th))

@@ -7,6 +7,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+RESIZE_FILTERS = ("bicubic", "bilinear")  # text-to-image resize-to-cover filters
 SOURCES = ("fashion_mnist", "mnist_subset", "imagenet", "folder", "fake")
 # Image-caption sources of the text-to-image pipeline (pixeldit_jax.data.text_image).
 T2I_SOURCES = ("captioned_fmnist", "webdataset", "caption_folder", "fake_text")
@@ -26,6 +27,8 @@ def default_data_config(**overrides: Any) -> ml_collections.ConfigDict:
   c.num_classes = config_dict.placeholder(int)  # 'fake' labels; None = config.model.num_classes
   # Text-to-image only (see pixeldit_jax.data.text_image):
   c.buckets = config_dict.placeholder(str)  # None | 'ASPECT_RATIO_512' | 'ASPECT_RATIO_1024' | 'auto'
+  # Resize filter; the release uses bilinear for its fixed-size stage 1 and bicubic for buckets.
+  c.resize = "bicubic"  # one of RESIZE_FILTERS
   c.heldout_captions = 100  # captioned_fmnist: captions never shown in training (evaluation grids)
   c.num_records = config_dict.placeholder(int)  # fake / fake_text: records (None: their default)
   for key, value in overrides.items():
@@ -43,6 +46,8 @@ def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d = default_data_config(**dict(config.data.items()))
   if d.source not in SOURCES + T2I_SOURCES:
     raise ValueError(f"config.data.source must be one of {SOURCES + T2I_SOURCES}, got {d.source!r}")
+  if d.resize not in RESIZE_FILTERS:
+    raise ValueError(f"config.data.resize must be one of {RESIZE_FILTERS}, got {d.resize!r}")
   if not d.drop_remainder:
     raise ValueError("config.data.drop_remainder=False is not supported: training batches must "
                      "all have the same shape")

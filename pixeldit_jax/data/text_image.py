@@ -25,10 +25,12 @@ Sources (``config.data.source``):
   fake_text         deterministic random images and captions (tests, benchmarks); with buckets
                     each record has the size of a random bucket.
 
-Sizes: without buckets every image is resized to cover config.image_size (bicubic) and
-centre-cropped; with ``buckets`` ('ASPECT_RATIO_512' | 'ASPECT_RATIO_1024' | 'auto') each record
-goes to the bucket nearest to its aspect ratio and is resized to cover it and centre-cropped (the
-official transform, see ``buckets``). Resizing does not count as a conversion.
+Sizes: without buckets every image is resized to cover config.image_size and centre-cropped; with
+``buckets`` ('ASPECT_RATIO_512' | 'ASPECT_RATIO_1024' | 'auto') each record goes to the bucket
+nearest to its aspect ratio and is resized to cover it and centre-cropped (the official transform,
+see ``buckets``). The filter is ``resize``: the release resizes bilinearly in its fixed-size stage 1
+(``PixelDataset``) and bicubically with buckets (``PixelDatasetMS``); configs/t2i_1024.py sets it
+per stage. Resizing does not count as a conversion.
 
 Batching plan (every global batch is one bucket; all processes agree without communicating):
 each bucket's records are split into equal, disjoint, interleaved per-process shards of L_b
@@ -41,6 +43,7 @@ MapDataset up to the batch, so it does not depend on the worker count (its saved
 Fields of ``config.data`` read here (``default_text_image_config`` gives them all):
   source, path, split, num_workers, read_threads, shuffle   as in ``pixeldit_jax.data``
   buckets           None   None | 'ASPECT_RATIO_512' | 'ASPECT_RATIO_1024' | 'auto' (from image_size)
+  resize            'bicubic'  'bicubic' | 'bilinear': the resize-to-cover filter
   heldout_captions  100    captioned_fmnist: the first n of ``captioned_fmnist.heldout_captions``
                            never appear in the stream (the demo's evaluation grid uses them)
   num_records       None   fake_text: the number of records (None: 65,536)
@@ -514,8 +517,8 @@ class ReadSlot(grain.transforms.Map):
   """Stream position -> example; an unreadable record is replaced by the next one of its bucket shard."""
 
   def __init__(self, source, plan: BucketPlan, table: buckets_lib.BucketTable,
-               max_tries: int = MAX_TRIES):
-    self.source, self.plan, self.sizes = source, plan, table.sizes
+               max_tries: int = MAX_TRIES, resize: str = "bicubic"):
+    self.source, self.plan, self.sizes, self.resize = source, plan, table.sizes, resize
     self.max_tries = int(max_tries)
     self._failures = 0
 
@@ -532,7 +535,7 @@ class ReadSlot(grain.transforms.Map):
           pixels = image
         else:
           img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-          pixels = np.asarray(buckets_lib.resize_to_bucket(img, self.sizes[b]), np.uint8)
+          pixels = np.asarray(buckets_lib.resize_to_bucket(img, self.sizes[b], self.resize), np.uint8)
       except Exception as e:  # pylint: disable=broad-except  (any unreadable record is skipped)
         self._failures += 1
         if self._failures <= _LOGGED_FAILURES:
@@ -592,7 +595,7 @@ def build_text_image(config: ml_collections.ConfigDict, process_index: Optional[
   source, table, plan, _ = build_plan(config, process_index, process_count)
   batch_size = plan.batch_size
   ds = grain.MapDataset.range(sys.maxsize)  # stream positions; the plan handles the epochs
-  ds = ds.map(ReadSlot(source, plan, table))
+  ds = ds.map(ReadSlot(source, plan, table, resize=data.resize))
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=stack_batch)
   ds = read_in_parallel(ds, data)
   log.info("Text-image data: %s, process %d/%d, buckets %s, %d steps per epoch, local batch %d, "
