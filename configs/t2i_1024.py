@@ -14,7 +14,10 @@ block 6 with DINOv2 at 224x224, shift 3, LR 1e-4, clip 0.2, 400 K steps at batch
 aspect buckets, shift 4, LR 2e-5, clip 0.1, 100 K steps at batch 768. All: CAME (0.9, 0.999,
 0.9999), eps (1e-30, 1e-16), 2,000 warmup steps, bf16, EMA off, 10% caption dropout. `:smoke` is a
 scaled-down model with the MiniLM encoder on captioned Fashion-MNIST that runs on a laptop CPU in a
-couple of minutes.
+couple of minutes. Sampling (`config.sample`): `:preset=card` (the default) is the model card's
+example, CFG 2.75 with a negative prompt and seed 2025; `:preset=inference` is the released
+t2i/inference.py, CFG 3.5, no negative prompt, seed 0 (our noise is not torch's, so the same seed
+does not give the same images). Combine with a stage as `:stage1,preset=inference`.
 
 Hardware: the paper trained on A100/H100 nodes (batch 1024 at 512, 768 at 1024); on TPU use a
 v5p-128 or larger with FSDP (the default mesh). Data: webdataset tar shards of image + caption
@@ -36,6 +39,14 @@ SAMPLE_PROMPTS = (
     "A watercolor painting of a lighthouse on a cliff",
 )
 
+# Sampling presets for the released checkpoint (`:preset=NAME`), both DPM-Solver++(2M), 50 steps,
+# CFG on all of [0, 1]. `card`: the model card's example; `inference`: the released t2i/inference.py
+# defaults (its PixelDiTInference dataclass), which the card does not use.
+SAMPLE_PRESETS = {
+    "card": dict(cfg_scale=2.75, negative_prompt=NEGATIVE_PROMPT, seed=2025),
+    "inference": dict(cfg_scale=3.5, negative_prompt="", seed=0),
+}
+
 STAGES = {
     # resolution, buckets, REPA weight, flow shift, LR, clip, global batch, steps
     "stage1": dict(res=512, buckets=None, repa=0.5, shift=3.0, lr=1e-4, clip=0.2, batch=1024, steps=400_000),
@@ -54,7 +65,10 @@ def text_section(**overrides) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  v = config_lib.parse_variant(arg, stage1=False, stage2=False, stage3=False, smoke=False)
+  v = config_lib.parse_variant(arg, stage1=False, stage2=False, stage3=False, smoke=False,
+                               preset="card")
+  if v.preset not in SAMPLE_PRESETS:
+    raise ValueError(f"preset must be one of {sorted(SAMPLE_PRESETS)}, got {v.preset!r}")
   if v.smoke:
     return smoke_config()
   chosen = [k for k in STAGES if v[k]] or ["stage3"]
@@ -81,12 +95,13 @@ def get_config(arg=None):
   t.sample_prompts, t.sample_rows, t.sample_per_row = SAMPLE_PROMPTS, 4, 2
   c.repa.update(dict(weight=st["repa"], block=6, projector_dim=2048, teacher_size=(224, 224),
                      loss_form="t2i"))
-  # Model-card inference: DPM-Solver++ 50 steps, CFG 2.75 with the negative prompt, seed 2025.
+  sp = SAMPLE_PRESETS[v.preset]
   c.sample = config_lib.sample_defaults()
-  c.sample.update(dict(sampler="dpm_solver_pp_2m", num_steps=50, cfg_scale=2.75, cfg_interval=(0.0, 1.0),
-                       time_shift=st["shift"] if st["res"] == 1024 else 3.0, seed=2025, batch_size=4))
+  c.sample.update(dict(sampler="dpm_solver_pp_2m", num_steps=50, cfg_scale=sp["cfg_scale"],
+                       cfg_interval=(0.0, 1.0), time_shift=st["shift"] if st["res"] == 1024 else 3.0,
+                       seed=sp["seed"], batch_size=4))
   c.sample.num_per_prompt = 1
-  c.sample.negative_prompt = NEGATIVE_PROMPT
+  c.sample.negative_prompt = sp["negative_prompt"]
   return c
 
 

@@ -80,6 +80,24 @@ def test_stage_configs_follow_the_released_recipe(variant, res, buckets, repa, s
   assert config_lib.load("configs/t2i_1024.py").image_size == (1024, 1024)  # the default is stage 3
 
 
+def test_sampling_presets_card_and_released_inference_script():
+  def settings(c):
+    s = c.sample
+    return (s.sampler, s.num_steps, s.cfg_scale, tuple(s.cfg_interval), s.time_shift, s.seed,
+            s.negative_prompt)
+  card = config_lib.load("configs/t2i_1024.py")
+  assert settings(card) == settings(config_lib.load("configs/t2i_1024.py:preset=card"))
+  assert settings(card) == ("dpm_solver_pp_2m", 50, 2.75, (0.0, 1.0), 4.0, 2025,
+                            "low quality, worst quality, over-saturated, blurry, deformed, watermark")
+  # t2i/inference.py: cfg_scale 3.5, seed 0, negative_prompt "", 50 steps, interval [0, 1], the
+  # stage-3 config's flow_shift 4.0.
+  released = config_lib.load("configs/t2i_1024.py:preset=inference")
+  assert settings(released) == ("dpm_solver_pp_2m", 50, 3.5, (0.0, 1.0), 4.0, 0, "")
+  assert config_lib.load("configs/t2i_1024.py:stage1,preset=inference").sample.cfg_scale == 3.5
+  with pytest.raises(ValueError, match="preset must be one of"):
+    config_lib.load("configs/t2i_1024.py:preset=paper")
+
+
 def test_missing_weights_and_data_stop_the_run_at_once(tmp_path):
   from pixeldit_jax.train import trainer
   c = config_lib.load("configs/t2i_1024.py:stage1")
