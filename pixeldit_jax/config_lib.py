@@ -69,6 +69,9 @@ def train_defaults() -> ml_collections.ConfigDict:
       grad_clip_after_step_down=0.5,
       ema_decay=0.9999, ema_warmup=False,
       time_shift=1.0, label_dropout=0.1,
+      # Text-to-image only: feed the model the released trainer's integer timestep
+      # trunc(1000 sigma) (False: the continuous 1000 sigma that sampling feeds).
+      t2i_integer_timesteps=True,
       # CAME (T2I recipe, spec §7.2): optimizer="came" uses b1, b2, b3 and came_eps.
       b3=0.9999, came_eps=(1e-30, 1e-16),
       nonfinite_policy="stop",  # or "skip": drop the update and go on

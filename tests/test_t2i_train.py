@@ -53,6 +53,46 @@ def test_sigma_sampling_is_discrete_logit_normal_then_shifted():
   assert flow.model_time(jnp.asarray(0.25)) == 250.0
 
 
+def _released_train_timesteps(shift):
+  """The released trainer's model time per index, transcribed: the shifted float64 sigma table
+  times 1000, looked up through a long tensor (truncation)."""
+  betas = np.linspace(1.0, 0.001, 1000, dtype=np.float64)
+  sigmas = 1.0 - betas
+  shifted = shift * sigmas / (1 + (shift - 1) * sigmas)
+  return np.array([int(v) for v in shifted * 1000])
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 4.0])
+def test_training_time_is_the_released_integer_timestep(shift):
+  np.testing.assert_array_equal(flow.train_timestep_table(shift), _released_train_timesteps(shift))
+  if shift == 3.0:  # the issue's example: index 501 gives sigma 0.75075 and timestep 750
+    assert flow.train_timestep_table(3.0)[501] == 750
+    np.testing.assert_allclose(flow.model_time(flow.sigma_shift(jnp.asarray(0.501), 3.0)), 750.75, rtol=1e-6)
+
+
+@pytest.mark.parametrize("integer_time", [True, False])
+def test_sigma_loss_feeds_the_configured_time(integer_time):
+  seen = {}
+
+  def apply(xs, time, cond):
+    seen["time"] = time
+    return jnp.zeros_like(xs)
+
+  x = jnp.zeros((256, 2, 2, 3))
+  key = jax.random.PRNGKey(3)
+  flow.sigma_loss(apply, x, jnp.zeros((256, 1, 4)), key, null_text=jnp.zeros((1, 1, 4)), shift=3.0,
+                  text_dropout=0.0, integer_time=integer_time)
+  # The same key split as sigma_loss: the index comes from the first subkey.
+  index = np.asarray(flow.sample_sigma_index(jax.random.split(key, 3)[0], 256))
+  sigma = 3 * (index / 1000) / (1 + 2 * (index / 1000))
+  time = np.asarray(seen["time"])
+  if integer_time:
+    np.testing.assert_array_equal(time, _released_train_timesteps(3.0)[index])
+  else:
+    np.testing.assert_allclose(time, 1000 * sigma, rtol=1e-5)
+    assert np.any(time != np.floor(time))
+
+
 def test_text_dropout_uses_the_null_embedding():
   text = jnp.ones((2000, 3, 4))
   null = jnp.full((1, 3, 4), -1.0)

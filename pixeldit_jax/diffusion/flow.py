@@ -13,8 +13,10 @@ sampling grid. Class labels are replaced by the null class with probability 0.1 
 Text-to-image (SANA) convention, spec §7.4:
 
     sigma in [0, 1], sigma = 1 is pure noise and sigma = 0 is data
-    x_sigma = (1 - sigma) * x0 + sigma * eps,   target v = eps - x0,   model time input 1000 * sigma
+    x_sigma = (1 - sigma) * x0 + sigma * eps,   target v = eps - x0
     sigma = shift(i / 1000), i = floor(sigmoid(N(0, 1)) * 1000), shift(s) = k s / (1 + (k - 1) s)
+    model time input: sampling 1000 * sigma; training (released trainer) the integer
+    trunc(1000 * sigma) from a float64 table (``train_timestep_table``)
 
 They are one process under sigma = 1 - t with v_t2i = -v_c2i (``to_sigma`` / ``to_t`` are the
 only conversion); the shifts agree under that change too. A model trained in one convention
@@ -27,6 +29,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def time_shift(t: jax.Array, shift: float) -> jax.Array:
@@ -78,10 +81,28 @@ def sigma_shift(sigma: jax.Array, shift: float) -> jax.Array:
   return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-def sample_sigma(key: jax.Array, batch: int, shift: float = 1.0) -> jax.Array:
-  """SANA's discrete logit-normal: index floor(sigmoid(N(0, 1)) * 1000), sigma = shift(i / 1000)."""
+def sample_sigma_index(key: jax.Array, batch: int) -> jax.Array:
+  """SANA's discrete logit-normal training index floor(sigmoid(N(0, 1)) * 1000) in 0..999."""
   index = jnp.floor(jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32)) * 1000.0)
-  return sigma_shift(jnp.minimum(index, 999.0) / 1000.0, shift)
+  return jnp.minimum(index, 999.0).astype(jnp.int32)
+
+
+def sample_sigma(key: jax.Array, batch: int, shift: float = 1.0) -> jax.Array:
+  """sigma = shift(i / 1000) for a discrete logit-normal index i (``sample_sigma_index``)."""
+  return sigma_shift(sample_sigma_index(key, batch) / 1000.0, shift)
+
+
+def train_timestep_table(shift: float) -> np.ndarray:
+  """The released trainer's model time for each index: int64(1000 * shift(1 - betas[i])).
+
+  The release builds the table in float64 from betas = linspace(1, 0.001, 1000) and looks it up
+  as a long tensor, which truncates. Rounding error puts some entries just below an integer
+  (at shift 1, 1000 sigma_61 = 60.999...), so it is computed the same way here rather than as
+  floor(1000 sigma) in float32, which differs at ~15% of the indices at shift 1.
+  """
+  sigma = 1.0 - np.linspace(1.0, 0.001, 1000, dtype=np.float64)
+  shifted = shift * sigma / (1.0 + (shift - 1.0) * sigma)
+  return (shifted * 1000.0).astype(np.int64).astype(np.float32)
 
 
 def sigma_interpolate(x: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
@@ -95,7 +116,7 @@ def sigma_target(x: jax.Array, noise: jax.Array) -> jax.Array:
 
 
 def model_time(sigma: jax.Array) -> jax.Array:
-  """What the T2I model's timestep embedder receives: 1000 sigma."""
+  """What the T2I model's timestep embedder receives when sampling: 1000 sigma (continuous)."""
   return 1000.0 * sigma
 
 
@@ -109,9 +130,11 @@ def to_t(sigma: jax.Array, velocity: jax.Array | None = None):
   return 1.0 - sigma if velocity is None else (1.0 - sigma, -velocity)
 
 
-def sigma_loss_at(apply: Callable, x: jax.Array, noise: jax.Array, sigma: jax.Array, cond) -> jax.Array:
-  """MSE of `apply(x_sigma, 1000 sigma, cond)` against eps - x0 at given sigmas and noise."""
-  pred = apply(sigma_interpolate(x, noise, sigma), model_time(sigma), cond)
+def sigma_loss_at(apply: Callable, x: jax.Array, noise: jax.Array, sigma: jax.Array, cond,
+                  time: jax.Array | None = None) -> jax.Array:
+  """MSE of `apply(x_sigma, time, cond)` against eps - x0; `time` defaults to 1000 sigma."""
+  time = model_time(sigma) if time is None else time
+  pred = apply(sigma_interpolate(x, noise, sigma), time, cond)
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - sigma_target(x, noise)))
 
 
@@ -124,9 +147,15 @@ def drop_text(key: jax.Array, text: jax.Array, null_text: jax.Array, prob: float
 
 
 def sigma_loss(apply: Callable, x: jax.Array, text: jax.Array, key: jax.Array, *, null_text: jax.Array,
-               shift: float = 1.0, text_dropout: float = 0.1) -> jax.Array:
-  """Text-to-image flow-matching MSE of `apply(x_sigma, 1000 sigma, text) -> eps - x0`."""
+               shift: float = 1.0, text_dropout: float = 0.1, integer_time: bool = True) -> jax.Array:
+  """Text-to-image flow-matching MSE of `apply(x_sigma, time, text) -> eps - x0`.
+
+  time is the released trainer's integer timestep (``train_timestep_table``) when
+  `integer_time`, else the continuous 1000 sigma that sampling feeds.
+  """
   k_t, k_noise, k_drop = jax.random.split(key, 3)
-  sigma = sample_sigma(k_t, x.shape[0], shift)
+  index = sample_sigma_index(k_t, x.shape[0])
+  sigma = sigma_shift(index / 1000.0, shift)
+  time = jnp.asarray(train_timestep_table(shift))[index] if integer_time else model_time(sigma)
   noise = jax.random.normal(k_noise, x.shape, x.dtype)
-  return sigma_loss_at(apply, x, noise, sigma, drop_text(k_drop, text, null_text, text_dropout))
+  return sigma_loss_at(apply, x, noise, sigma, drop_text(k_drop, text, null_text, text_dropout), time)

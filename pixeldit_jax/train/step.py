@@ -109,7 +109,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
 
       if text_to_image:
         flow_loss = flow.sigma_loss(apply, x, cond, key, null_text=frozen["null_text"],
-                                    shift=tcfg.time_shift, text_dropout=tcfg.label_dropout)
+                                    shift=tcfg.time_shift, text_dropout=tcfg.label_dropout,
+                                    integer_time=tcfg.get("t2i_integer_timesteps", True))
       else:
         flow_loss = flow.loss(apply, x, cond, key, null_class=model_cfg.num_classes,
                               shift=tcfg.time_shift, label_dropout=tcfg.label_dropout)
