@@ -842,7 +842,7 @@ def test_t2i_round_trip_pth(tmp_path, capsys):
   np.testing.assert_allclose(np.asarray(forward(model, x, t, text)), want, atol=1e-6, rtol=0)
 
 
-def test_t2i_model_wrapper_and_ema_copy(tmp_path):
+def test_t2i_model_wrapper_and_ema_copy(tmp_path, capsys):
   pytest.importorskip("torch")
   cfg = T2I_CONFIGS["t2i_narrow_pixel_attn_post"]
   online, ema = random_params(cfg, 1), random_params(cfg, 2)
@@ -858,8 +858,23 @@ def test_t2i_model_wrapper_and_ema_copy(tmp_path):
   model, meta = checkpoint.load_model(str(tmp_path / "b"))
   assert meta["source"]["weights"] == "ema"
   assert_same_params(params_of(model), ema)
+  capsys.readouterr()
+  # The released inference.py loads obj["state_dict"] whatever else the file holds: --weights online.
   assert run_main("--checkpoint", path, "--out", tmp_path / "c", "--weights", "online") == 0
-  assert_same_params(params_of(checkpoint.load_model(str(tmp_path / "c"))[0]), online)
+  model, meta = checkpoint.load_model(str(tmp_path / "c"))
+  assert_same_params(params_of(model), online)
+  assert capsys.readouterr().out.startswith(
+      "Imported online weights (state_dict, as the released inference.py loads) of ")
+  assert meta["source"]["note"] == "state_dict, as the released inference.py loads"
+  # The printed line says which copy was taken and how to get the released script's choice.
+  assert run_main("--checkpoint", path, "--out", tmp_path / "d") == 0
+  assert capsys.readouterr().out.startswith(
+      "Imported ema weights (state_dict_ema, the EMA copy the file holds; the released inference.py "
+      "loads state_dict instead: --weights online) of ")
+  no_ema = save_t2i(tmp_path / "no_ema.pth", export_official_t2i(online, cfg))
+  assert run_main("--checkpoint", no_ema, "--out", tmp_path / "e") == 0
+  assert capsys.readouterr().out.startswith("Imported online weights (state_dict, as the released "
+                                            "inference.py loads; the file has no state_dict_ema) of ")
 
 
 @pytest.mark.parametrize("case", ["missing", "unknown", "class_table", "wrong_shape", "projector"])

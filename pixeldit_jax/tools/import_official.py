@@ -302,6 +302,19 @@ def select_weights(sd: Mapping[str, np.ndarray], which: str = "ema") -> tuple[di
                                                   "projector_prefix": group + T2I_PROJECTOR}
 
 
+def t2i_weights_note(which: str, taken: str) -> str:
+  """How the text-to-image weights taken relate to the released inference.py (it always loads
+  `state_dict`). Taking `state_dict_ema` when present is kept on purpose: the released trainer only
+  saves it when EMA was on (ema_update), and then it is the copy to sample from."""
+  if taken == "ema":
+    return ("state_dict_ema, the EMA copy the file holds; the released inference.py loads "
+            "state_dict instead: --weights online")
+  if taken != "online":
+    return ""
+  return "state_dict, as the released inference.py loads" + (
+      "; the file has no state_dict_ema" if which == "ema" else "")
+
+
 def import_checkpoint(checkpoint: str, out: str, which: str = "ema", allow_pickle: bool = False,
                       step: int = 0) -> dict:
   """Convert `checkpoint` and write it as Orbax checkpoint `step` under `out`. Returns the meta."""
@@ -325,6 +338,8 @@ def import_checkpoint(checkpoint: str, out: str, which: str = "ema", allow_pickl
   meta = {"model": cfg.to_dict(), "time_convention": TIME_CONVENTIONS[kind],
           "repa_projector": projector_meta,
           "source": {"checkpoint": fs.resolve(checkpoint), "kind": kind, "weights": info["weights"]}}
+  if kind == "t2i" and t2i_weights_note(which, info["weights"]):
+    meta["source"]["note"] = t2i_weights_note(which, info["weights"])
   ckpt.save_weights(out, step, items, meta)
   return meta
 
@@ -334,8 +349,9 @@ def main(argv=None):
   ap.add_argument("--checkpoint", required=True, help="official .ckpt / .pth / .safetensors file")
   ap.add_argument("--out", required=True, help="Orbax checkpoint directory to write")
   ap.add_argument("--weights", choices=sorted(WEIGHT_PREFIXES), default="ema",
-                  help="which weights to import (the sampler uses the EMA ones); a text-to-image "
-                       "checkpoint without EMA weights gives its only weights")
+                  help="which weights to import (the sampler uses the EMA ones); text-to-image: "
+                       "'ema' takes state_dict_ema when the file has it, else state_dict; "
+                       "'online' takes state_dict, as the released inference.py does")
   ap.add_argument("--step", type=int, default=0, help="step number to record the weights under")
   ap.add_argument("--allow-pickle", action="store_true",
                   help="load the full pickle if weights_only loading fails (only for trusted files)")
@@ -348,7 +364,8 @@ def main(argv=None):
   cfg = meta["model"]
   shown = {k: cfg[k] for k in ("hidden_size", "num_heads", "patch_depth", "pixel_depth", "patch_size",
                                "pixel_hidden_size", "pit_post_modulation", "text_dim")}
-  print(f"Imported {meta['source']['weights']} weights of {args.checkpoint} -> {fs.resolve(args.out)} "
+  note = f" ({meta['source']['note']})" if meta["source"].get("note") else ""
+  print(f"Imported {meta['source']['weights']} weights{note} of {args.checkpoint} -> {fs.resolve(args.out)} "
         f"(step {args.step}, {meta['time_convention']} time convention); model: {shown}; "
         f"REPA projector: {meta['repa_projector']}")
   return 0
