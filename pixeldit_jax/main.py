@@ -80,6 +80,11 @@ def main(argv):
     return jax.process_index()
 
   f = flags.FLAGS
+  if not f.check_model:
+    from pixeldit_jax.train import workdir_lock  # noqa: PLC0415
+    # Refuse before log.txt is opened: a second run must not write into a live run's log. A read
+    # only, on every process (no jax call here: the backends must start after distributed init).
+    workdir_lock.check_free(f.workdir, timeout_s=f.config.train.get("lock_timeout_s", 300.0))
   # Library INFO (Orbax, jax, grain...) goes to <workdir>/log.txt; --verbosity=0 shows it here too.
   logs.setup(f.workdir, process_index=process_index)
   try:

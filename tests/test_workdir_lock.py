@@ -40,6 +40,18 @@ def test_a_second_training_run_refuses_naming_the_first(tmp_path):
   assert not (tmp_path / "checkpoints").exists()  # refused before touching anything
 
 
+def test_the_command_line_refuses_in_one_line_without_touching_the_live_runs_log(tmp_path):
+  from helpers import timeout
+  _write_lock(tmp_path)  # this test process plays the live run
+  repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+  r = subprocess.run([sys.executable, "-m", "pixeldit_jax.main", "--config=fashion_mnist.py:smoke",
+                      f"--workdir={tmp_path}"], cwd=repo, env=dict(os.environ, PYTHONPATH=repo),
+                     capture_output=True, text=True, timeout=timeout(300))
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+  assert r.stderr.startswith(f"error: Workdir {tmp_path} is in use by another training run (host ")
+  assert not (tmp_path / "log.txt").exists() and not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("stale", ["dead pid", "old heartbeat"])
 def test_a_stale_lock_is_taken_over(tmp_path, stale):
   if stale == "dead pid":

@@ -187,6 +187,16 @@ class WorkdirLock:
       logging.warning("Could not remove the workdir lock %s: %s: %s", self.path, type(e).__name__, e)
 
 
+def check_free(workdir: str, *, timeout_s: float = 300.0) -> None:
+  """Raise WorkdirLockedError if a live run holds `workdir`, without taking the lock: entry points
+  call it before they open the run's log file, so a refused run never writes into a live run's
+  log. `hold` still decides (two runs that pass this check at once race there)."""
+  probe = WorkdirLock(workdir, timeout_s=timeout_s)
+  record = probe.read()
+  if record is not None and probe.stale_reason(record) is None:
+    raise probe._refusal(record)
+
+
 class _Follower:
   """What processes other than 0 hold: nothing to refresh or release."""
 
