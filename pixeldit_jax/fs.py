@@ -132,23 +132,35 @@ def remove(p: PathLike) -> None:
     fp.unlink()
 
 
+@contextlib.contextmanager
+def _replace_when_done(fp: epath.Path, suffix: str = "") -> Iterator[str]:
+  """A temporary local file beside `fp` that becomes `fp` (os.replace) if the block succeeds."""
+  fp.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.fspath(fp.parent), prefix=f".{fp.name}.", suffix=suffix)
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, os.fspath(fp))
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
 def atomic_write_bytes(p: PathLike, data: bytes) -> None:
   """Write a file so that readers never see half of it: local files via rename, GCS objects
   are atomic per upload."""
   if is_remote(p):
     write_bytes(p, data)
     return
-  fp = path(p)
-  fp.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.fspath(fp.parent), prefix=f".{fp.name}.")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, os.fspath(fp))
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
+  with _replace_when_done(path(p)) as tmp, builtins.open(tmp, "wb") as f:
+    f.write(data)
+
+
+def upload_file(local: str, dest: PathLike) -> None:
+  """Copy a local file to `dest` (local or remote), streamed."""
+  with builtins.open(local, "rb") as src, open(dest, "wb") as dst:
+    shutil.copyfileobj(src, dst, length=16 << 20)
 
 
 def cache_dir() -> str:
@@ -211,8 +223,44 @@ def upload_dir(local: str, dest: PathLike, last: str = "") -> None:
   files = sorted((os.path.relpath(os.path.join(r, n), local) for r, _, ns in os.walk(local) for n in ns),
                  key=lambda rel: rel == last)
   for rel in files:
-    with builtins.open(os.path.join(local, rel), "rb") as src, open(join(dest, *rel.split(os.sep)), "wb") as dst:
-      shutil.copyfileobj(src, dst, length=16 << 20)
+    upload_file(os.path.join(local, rel), join(dest, *rel.split(os.sep)))
+
+
+class LocalMirror:
+  """A local directory copied to a remote one, for libraries that write only local files
+  (TensorBoard event writers, the profiler).
+
+  Local targets are used directly; for URLs the files go to a temporary directory and `sync`
+  uploads those that changed since the last sync (event files are rewritten whole: GCS objects
+  cannot be appended to).
+  """
+
+  def __init__(self, target: str, prefix: str = "pixeldit_"):
+    self.target = target
+    self.remote = is_remote(target)
+    if self.remote:
+      self.local = tempfile.mkdtemp(prefix=prefix)
+    else:
+      self.local = resolve(target)
+      os.makedirs(self.local, exist_ok=True)
+    self._synced: dict[str, tuple[int, int]] = {}
+
+  def sync(self) -> None:
+    if not self.remote:
+      return
+    for root, _, files in os.walk(self.local):
+      for name in files:
+        local = os.path.join(root, name)
+        st = os.stat(local)
+        key = (st.st_size, st.st_mtime_ns)
+        if self._synced.get(local) != key:
+          upload_file(local, join(self.target, *os.path.relpath(local, self.local).split(os.sep)))
+          self._synced[local] = key
+
+  def close(self) -> None:
+    self.sync()
+    if self.remote:
+      shutil.rmtree(self.local, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -226,8 +274,7 @@ def local_output(p: PathLike, suffix: str = "") -> Iterator[str]:
   os.close(fd)
   try:
     yield tmp
-    with builtins.open(tmp, "rb") as src, open(p, "wb") as dst:
-      shutil.copyfileobj(src, dst, length=16 << 20)
+    upload_file(tmp, p)
   finally:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
@@ -240,16 +287,8 @@ def save_npz(p: PathLike, **arrays) -> str:
     with local_output(p, suffix=".npz") as tmp:
       np.savez(tmp, **arrays)
   else:
-    fp.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.fspath(fp.parent), prefix=f".{fp.name}.", suffix=".npz")
-    os.close(fd)
-    try:
+    with _replace_when_done(fp, suffix=".npz") as tmp:
       np.savez(tmp, **arrays)
-      os.replace(tmp, os.fspath(fp))
-    except BaseException:
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-      raise
   return os.fspath(fp)
 
 

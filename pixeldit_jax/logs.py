@@ -137,8 +137,7 @@ class RunLog:
     for h in self._handlers:
       h.flush()
     if self.remote and (force or time.monotonic() - self._uploaded >= _UPLOAD_EVERY_S):
-      with open(self._local, "rb") as f:
-        fs.write_bytes(self.path, f.read())
+      fs.upload_file(self._local, self.path)
       self._uploaded = time.monotonic()
 
   def close(self) -> None:

@@ -20,9 +20,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from typing import Any, Mapping, Optional
 
 import flax
@@ -135,45 +132,6 @@ def clu_periodic_actions():
   except Exception as e:  # noqa: BLE001
     logging.info("clu.periodic_actions is not available (%s: %s)", type(e).__name__, e)
     return None
-
-
-class LocalMirror:
-  """A local directory copied to a remote one: for libraries that write only local files.
-
-  Local targets are used directly; for URLs the files go to a temporary directory and `sync`
-  uploads those that changed since the last sync (event files are rewritten whole: GCS objects
-  cannot be appended to).
-  """
-
-  def __init__(self, target: str, prefix: str = "pixeldit_"):
-    self.target = target
-    self.remote = fs.is_remote(target)
-    if self.remote:
-      self.local = tempfile.mkdtemp(prefix=prefix)
-    else:
-      self.local = fs.resolve(target)
-      os.makedirs(self.local, exist_ok=True)
-    self._synced: dict[str, tuple[int, int]] = {}
-
-  def sync(self) -> None:
-    if not self.remote:
-      return
-    for root, _, files in os.walk(self.local):
-      for name in files:
-        local = os.path.join(root, name)
-        st = os.stat(local)
-        key = (st.st_size, st.st_mtime_ns)
-        if self._synced.get(local) == key:
-          continue
-        rel = os.path.relpath(local, self.local)
-        with open(local, "rb") as f:
-          fs.write_bytes(fs.join(self.target, *rel.split(os.sep)), f.read())
-        self._synced[local] = key
-
-  def close(self) -> None:
-    self.sync()
-    if self.remote:
-      shutil.rmtree(self.local, ignore_errors=True)
 
 
 class _TensorboardX:
@@ -305,7 +263,7 @@ class MetricWriter:
       return
     workdir = fs.resolve(workdir)
     fs.makedirs(workdir)
-    self._mirror = LocalMirror(fs.join(workdir, "tensorboard"), prefix="pixeldit_tb_")
+    self._mirror = fs.LocalMirror(fs.join(workdir, "tensorboard"), prefix="pixeldit_tb_")
     if clu_writer is None and backend != "tensorboardx":
       mw = clu_metric_writers()
       if mw is not None:

@@ -53,7 +53,7 @@ class StepProfiler:
       self.active = False
       return
     self.target = fs.join(fs.resolve(workdir), "profile")
-    self._mirror = metrics_lib.LocalMirror(self.target, prefix="pixeldit_profile_")
+    self._mirror = fs.LocalMirror(self.target, prefix="pixeldit_profile_")
     actions = metrics_lib.clu_periodic_actions()
     if actions is not None:
       self._action = actions.Profile(logdir=self._mirror.local, num_profile_steps=self.num,
