@@ -38,24 +38,66 @@ DEFAULT_RULES = (
 )
 
 
-def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Optional[Sequence] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axis types; one size may be -1 (all the rest)."""
-  devices = list(devices if devices is not None else jax.devices())
+def _fill(shape: Sequence[int], count: int, what: str) -> tuple:
+  """`shape` with its -1 (at most one) replaced so that it covers `count` devices."""
   shape = list(shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh shape needs {len(MESH_AXES)} sizes for {MESH_AXES}, got {shape}")
+    raise ValueError(f"{what} needs {len(MESH_AXES)} sizes for {MESH_AXES}, got {shape}")
   if shape.count(-1) > 1:
-    raise ValueError(f"at most one mesh size may be -1, got {shape}")
+    raise ValueError(f"at most one {what} size may be -1, got {shape}")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot fill mesh {shape}")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
-                     f"{len(devices)} are available")
+    if count % known:
+      raise ValueError(f"{count} devices cannot fill {what} {shape}")
+    shape[shape.index(-1)] = count // known
+  if math.prod(shape) != count:
+    raise ValueError(f"{what} {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                     f"{count} are available")
+  return tuple(shape)
+
+
+def hybrid_devices(shape: Sequence[int], dcn_shape: Sequence[int], devices: Sequence) -> np.ndarray:
+  """The device array of a multi-slice mesh: `shape` within each slice (ICI), `dcn_shape` slices
+  along the same (data, fsdp, tensor) axes, so that only the axes with a DCN size > 1 cross
+  slices. Slices are the devices' slice_index (TPU); devices without one (GPU hosts) are grouped
+  by process."""
+  dcn = tuple(int(s) for s in dcn_shape)
+  if len(dcn) != len(MESH_AXES) or min(dcn) < 1:
+    raise ValueError(f"dcn_mesh_shape needs {len(MESH_AXES)} positive sizes for {MESH_AXES}, "
+                     f"got {tuple(dcn_shape)}")
+  by_slice = hasattr(devices[0], "slice_index")
+  granule = (lambda d: d.slice_index) if by_slice else (lambda d: d.process_index)
+  groups = len({granule(d) for d in devices})
+  if groups != math.prod(dcn):
+    raise ValueError(f"dcn_mesh_shape {dcn} asks for {math.prod(dcn)} "
+                     f"{'slices' if by_slice else 'processes'}, the devices are in {groups}")
+  ici = _fill(shape, len(devices) // groups, "mesh_shape (per slice)")
+  from jax.experimental import mesh_utils  # noqa: PLC0415
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, list(devices), process_is_granule=not by_slice,
+                                              allow_split_physical_axes=True)
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Optional[Sequence] = None,
+              dcn_shape: Optional[Sequence[int]] = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types; one size may be -1 (all the rest).
+
+  `dcn_shape` (config.sharding.dcn_mesh_shape) makes a multi-slice mesh: `shape` is then the mesh
+  within one slice and each axis is `dcn_shape` times longer across slices, e.g. (2, 1, 1) puts
+  data parallelism over two slices (the usual choice: one gradient all-reduce per step over the
+  slower network, FSDP's gathers within a slice). None or all ones: one slice."""
+  devices = list(devices if devices is not None else jax.devices())
+  if dcn_shape is not None and any(int(s) != 1 for s in dcn_shape):
+    grid = hybrid_devices(shape, dcn_shape, devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  shape = _fill(shape, len(devices), "mesh")
   return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+
+
+def mesh_from_config(sharding_cfg, devices: Optional[Sequence] = None) -> Mesh:
+  """The mesh of a config's `sharding` section: mesh_shape, and dcn_mesh_shape where set."""
+  dcn = sharding_cfg.get("dcn_mesh_shape")
+  return make_mesh(tuple(sharding_cfg.mesh_shape), devices, tuple(dcn) if dcn else None)
 
 
 def spec_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,

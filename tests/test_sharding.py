@@ -133,6 +133,11 @@ def test_make_mesh_autofill_and_errors():
   got = _run_8_devices("""
       from pixeldit_jax import sharding
       out = {"fsdp": dict(sharding.make_mesh((1, -1, 1)).shape), "dp": dict(sharding.make_mesh((-1, 2, 2)).shape)}
+      # A config's sharding section: dcn_mesh_shape all ones (or absent) is one slice.
+      import ml_collections
+      cfg = lambda **kw: ml_collections.ConfigDict(kw)
+      out["dcn_ones"] = dict(sharding.mesh_from_config(cfg(mesh_shape=(2, -1, 1), dcn_mesh_shape=(1, 1, 1))).shape)
+      out["no_dcn"] = dict(sharding.mesh_from_config(cfg(mesh_shape=(1, -1, 1))).shape)
       for bad in [(3, -1, 1), (2, 2, 1), (-1, -1, 1)]:
         try:
           sharding.make_mesh(bad)
@@ -142,6 +147,47 @@ def test_make_mesh_autofill_and_errors():
   """)
   assert got["fsdp"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert got["dp"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert got["dcn_ones"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert got["no_dcn"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert "cannot fill" in got["(3, -1, 1)"]
   assert "needs 4 devices" in got["(2, 2, 1)"]
   assert "at most one" in got["(-1, -1, 1)"]
+
+
+class FakeDevice:
+  """What the hybrid mesh builder reads of a device; slice_index only where given (TPU)."""
+
+  def __init__(self, i, slice_index=None, process_index=0):
+    self.id, self.process_index, self.platform, self.device_kind = i, process_index, "cpu", "fake"
+    if slice_index is not None:
+      self.slice_index = slice_index
+
+  def __repr__(self):
+    return f"D{self.id}"
+
+
+def _slices(grid):
+  return [[[d.slice_index for d in row] for row in plane] for plane in grid.tolist()]
+
+
+def test_dcn_mesh_puts_only_the_dcn_axes_across_slices():
+  devices = [FakeDevice(i, slice_index=i // 4) for i in range(8)]
+  # Data parallelism over two slices, FSDP within each (config.sharding.dcn_mesh_shape=(2,1,1)).
+  grid = sharding.hybrid_devices((1, -1, 1), (2, 1, 1), devices)
+  assert grid.shape == (2, 4, 1)
+  assert _slices(grid) == [[[0]] * 4, [[1]] * 4]
+  # FSDP across the slices instead: the fsdp axis's first half in slice 0, second half in slice 1.
+  grid = sharding.hybrid_devices((2, 2, 1), (1, 2, 1), devices)
+  assert grid.shape == (2, 4, 1)
+  assert [[d.slice_index for d in row[:, 0]] for row in grid] == [[0, 0, 1, 1], [0, 0, 1, 1]]
+  # GPU hosts have no slice_index: processes are the DCN granules.
+  gpus = [FakeDevice(i, process_index=i // 2) for i in range(4)]
+  grid = sharding.hybrid_devices((1, -1, 1), (2, 1, 1), gpus)
+  assert [[d.process_index for d in row[:, 0]] for row in grid] == [[0, 0], [1, 1]]
+  with pytest.raises(ValueError, match=r"asks for 4 slices, the devices are in 2"):
+    sharding.hybrid_devices((1, -1, 1), (4, 1, 1), devices)
+  with pytest.raises(ValueError, match="3 positive sizes"):
+    sharding.hybrid_devices((1, -1, 1), (2, 1), devices)
+  with pytest.raises(ValueError, match=r"mesh_shape \(per slice\).*needs 8 devices, 4 are available"):
+    sharding.hybrid_devices((2, 4, 1), (2, 1, 1), devices)
+
