@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Cloud TPU VM launcher for PixelDiT: create / setup / run / logs / stop / delete.
-# Every setting is an environment variable (defaults below); DRY_RUN=1 prints the gcloud commands.
+# Every setting is an environment variable (defaults below); DRY_RUN=1 prints the environment,
+# the command and the gcloud calls instead of running them.
 set -euo pipefail
 
 usage() {
@@ -11,8 +12,10 @@ Usage: [VAR=value ...] $0 {create|setup|sync|run|logs|stop|delete} [--config.fie
   setup    copy the repo to every worker (git clone if REPO_URL is set, else scp of this
            checkout), then build a Python ${PYTHON_VERSION} venv with requirements.txt and jax[tpu]
   sync     copy the code again without reinstalling (scp mode only)
-  run      start training on every worker in the background (nohup); extra arguments are
-           passed through as config overrides
+  run      start training on every worker in the background (nohup), with PIXELDIT_DISTRIBUTED=1
+           (jax.distributed); extra arguments are passed through, quoted, as config overrides.
+           With CHECKPOINT set it samples that checkpoint (--checkpoint; MODULE defaults to
+           pixeldit_jax.sample) instead of training in WORKDIR
   logs     follow the log of worker LOG_WORKER
   stop     kill the run started by 'run' on every worker
   delete   delete the TPU VM
@@ -21,10 +24,11 @@ Variables (current value):
   TPU_NAME=$TPU_NAME  ZONE=$ZONE  PROJECT=${PROJECT:-<gcloud default>}
   ACCELERATOR_TYPE=$ACCELERATOR_TYPE  RUNTIME_VERSION=$RUNTIME_VERSION  SPOT=$SPOT
   CONFIG=$CONFIG  WORKDIR=${WORKDIR:-<required for run>}  MODULE=$MODULE
+  CHECKPOINT=${CHECKPOINT:-<unset: train or sample WORKDIR>}
   REPO_URL=${REPO_URL:-<unset: scp this checkout>}  REPO_REF=${REPO_REF:-<default branch>}
   REMOTE_DIR=~/$REMOTE_DIR  VENV=~/$VENV  LOG_FILE=~/$LOG_FILE  LOG_WORKER=$LOG_WORKER
   REMOTE_ENV=${REMOTE_ENV:-<none>} (e.g. 'LIBTPU_INIT_ARGS=--flag=value', put before python)
-  DRY_RUN=$DRY_RUN
+  DRY_RUN=$DRY_RUN (1: print the environment, the command and the gcloud calls; run nothing)
 
 Example:
   TPU_NAME=pix ZONE=us-east5-a $0 create && $0 setup
@@ -49,7 +53,8 @@ esac
 RUNTIME_VERSION="${RUNTIME_VERSION:-$default_runtime}"
 CONFIG="${CONFIG:-configs/imagenet256_xl.py}"
 WORKDIR="${WORKDIR:-}"
-MODULE="${MODULE:-pixeldit_jax.main}"  # or pixeldit_jax.sample
+CHECKPOINT="${CHECKPOINT:-}"          # sample this checkpoint (--checkpoint, no --workdir)
+if [[ -n "$CHECKPOINT" ]]; then MODULE="${MODULE:-pixeldit_jax.sample}"; else MODULE="${MODULE:-pixeldit_jax.main}"; fi
 REPO_URL="${REPO_URL:-}"
 REPO_REF="${REPO_REF:-}"
 REMOTE_DIR="${REMOTE_DIR:-pixeldit}"   # relative to the remote home directory
@@ -123,16 +128,34 @@ cd ~/$(q "$REMOTE_DIR")
     sync_code
     ;;
   run)
-    [[ -n "$WORKDIR" ]] || { echo "WORKDIR is required (gs://bucket/path for multi-host slices)" >&2; exit 1; }
-    [[ "$WORKDIR" == gs://* ]] || echo "warning: WORKDIR is not gs://; on a multi-host slice every" \
-      "worker writes its own local copy and multi-host checkpointing needs shared storage" >&2
+    if [[ -n "$CHECKPOINT" ]]; then
+      [[ "$MODULE" == pixeldit_jax.sample ]] || { echo "CHECKPOINT is for sampling (MODULE=pixeldit_jax.sample);" \
+        "to start training from a checkpoint pass --config.train.init_from=DIR" >&2; exit 2; }
+      run_dir="--checkpoint=$CHECKPOINT"; shared="$CHECKPOINT"
+    else
+      [[ -n "$WORKDIR" ]] || { echo "WORKDIR is required (gs://bucket/path for multi-host slices)," \
+        "or CHECKPOINT to sample a checkpoint" >&2; exit 2; }
+      run_dir="--workdir=$WORKDIR"; shared="$WORKDIR"
+    fi
+    [[ "$shared" == gs://* ]] || echo "warning: ${run_dir%%=*} is not gs://; on a multi-host slice every" \
+      "worker reads and writes its own local copy; multi-host runs need shared storage" >&2
     args=""
-    for a in "--config=$CONFIG" "--workdir=$WORKDIR" "$@"; do args+=" $(q "$a")"; done
+    for a in "--config=$CONFIG" "$run_dir" "$@"; do args+=" $(q "$a")"; done
+    # Every worker starts jax.distributed (PIXELDIT_DISTRIBUTED=1: a bare initialize(), which
+    # reads the slice's workers from the TPU VM metadata).
+    python_cmd="env PIXELDIT_DISTRIBUTED=1 ${REMOTE_ENV:+$REMOTE_ENV }~/$(q "$VENV")/bin/python -m $(q "$MODULE")$args"
+    if [[ "$DRY_RUN" == 1 ]]; then
+      echo "# tpu_vm.sh dry run: on every worker of $TPU_NAME ($ACCELERATOR_TYPE), in ~/$REMOTE_DIR:"
+      echo "export PIXELDIT_DISTRIBUTED=1"
+      [[ -z "$REMOTE_ENV" ]] || echo "export $REMOTE_ENV"
+      echo "$python_cmd"
+      echo "# gcloud:"
+    fi
     # setsid+nohup and closed stdin so the process survives the ssh session ending; refuse to
     # start a second run while one is alive (it would fail to grab the TPU anyway).
     on_workers all "cd ~/$(q "$REMOTE_DIR") || exit 1
 if [ -f ~/pixeldit.pid ] && kill -0 \$(cat ~/pixeldit.pid) 2>/dev/null; then echo \"already running on \$(hostname)\"; exit 1; fi
-setsid nohup env PIXELDIT_DISTRIBUTED=1 $REMOTE_ENV ~/$(q "$VENV")/bin/python -m $(q "$MODULE")$args > ~/$(q "$LOG_FILE") 2>&1 < /dev/null &
+setsid nohup $python_cmd > ~/$(q "$LOG_FILE") 2>&1 < /dev/null &
 echo \$! > ~/pixeldit.pid; echo \"started pid \$! on \$(hostname), log ~/$(q "$LOG_FILE")\""
     ;;
   logs)
