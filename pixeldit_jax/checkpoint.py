@@ -24,11 +24,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_keep
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as ocp_save
 
-from pixeldit_jax import cli, fs
+from pixeldit_jax import cli, distributed, fs
 from pixeldit_jax.model import PixelDiTConfig, PixelDiT
 from pixeldit_jax.model import pixeldit as pixeldit_lib
 
@@ -45,6 +44,10 @@ class CheckpointError(RuntimeError):
 
 class RunMismatchError(CheckpointError):
   """The checkpoint is readable but belongs to a differently configured run."""
+
+
+class DataChangedError(RunMismatchError):
+  """The checkpoint was trained on other data than the config now reads."""
 
 
 class NoReadableCheckpointError(CheckpointError):
@@ -93,10 +96,20 @@ def items(directory: str, step: Optional[int] = None) -> set[str]:
   return {c.name for c in path.iterdir() if c.is_dir()}
 
 
+def _onto_reader(abstract_params):
+  """Leaves without a sharding get this process's first device. Orbax would otherwise use the
+  sharding recorded at save time, which names the writer's devices ("Topology mismatch")."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda s: s if getattr(s, "sharding", None) is not None
+                      else jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_params)
+
+
 def load_params(directory: str, abstract_params, item: str = EMA_PARAMS, step: Optional[int] = None):
   """Restore one weight item onto the shapes, dtypes and shardings of `abstract_params`
-  (a pure dict of ShapeDtypeStructs; without shardings the arrays land on the default device)."""
+  (a pure dict of ShapeDtypeStructs; without shardings the arrays land on the default device,
+  whatever devices the checkpoint was written from)."""
   step, _ = read_meta(directory, step)
+  abstract_params = _onto_reader(abstract_params)
   with _manager(directory, create=False) as mngr:
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)}))
@@ -137,8 +150,10 @@ def model_config(directory: str, step: Optional[int] = None, **overrides) -> Pix
 
 
 def load_model(directory: str, item: str = EMA_PARAMS, step: Optional[int] = None,
+               sharding: Optional[jax.sharding.Sharding] = None,
                **config_overrides) -> tuple[PixelDiT, dict]:
-  """Rebuild the model recorded in a checkpoint's meta and load one weight item into it.
+  """Rebuild the model recorded in a checkpoint's meta and load one weight item into it, on this
+  process's first device (or `sharding`, for every weight) whatever devices wrote it.
 
   `config_overrides` may change numerics-only fields (dtype, remat_policy, attention_impl).
   """
@@ -147,7 +162,8 @@ def load_model(directory: str, item: str = EMA_PARAMS, step: Optional[int] = Non
   abstract = pixeldit_lib.abstract(cfg)
   graphdef, state = nnx.split(abstract)
   params_target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), params_target)
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        params_target)
   params = load_params(directory, target, item, step)
   model = nnx.merge(graphdef, state)
   nnx.update(model, _as_state(model, params))
@@ -161,8 +177,7 @@ def _as_state(model: nnx.Module, tree: Mapping) -> nnx.State:
 
 
 def multihost_sync(name: str):
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+  distributed.barrier(name)  # through the coordinator: no device collective to time out
 
 
 class TrainCheckpointer:
@@ -176,7 +191,7 @@ class TrainCheckpointer:
   def __init__(self, directory: str, *, every: int, keep: int):
     self.directory = fs.resolve(directory)
     save_policy = ocp_save.FixedIntervalPolicy(every)
-    if jax.process_count() > 1:
+    if distributed.preemption_service_active():  # SIGTERM to any process: one save, same step
       save_policy = ocp_save.AnySavePolicy([save_policy, ocp_save.PreemptionCheckpointingPolicy()])
     self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         save_decision_policy=save_policy, preservation_policy=ocp_keep.LatestN(keep), create=True))
@@ -199,18 +214,20 @@ class TrainCheckpointer:
     }
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore_latest(self, abstract_state, data_iter, restart_if_unreadable: bool = False):
+  def restore_latest(self, abstract_state, data_iter, restart_if_unreadable: bool = False,
+                     data_record: Optional[Mapping] = None, allow_data_change: bool = False):
     """The newest readable checkpoint restored onto `abstract_state`'s shardings, or None when
     there is none. Newer unreadable steps are set aside. When steps exist but none restores, raises
     NoReadableCheckpointError, leaving them untouched; `restart_if_unreadable` instead sets them
-    all aside and returns None (start over).
+    all aside and returns None (start over). A checkpoint whose meta records other data than
+    `data_record` (data.identity) raises DataChangedError, unless `allow_data_change`.
 
     `data_iter` is moved to the saved position in place.
     """
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        state = self._restore(step, abstract_state, data_iter)
+        state = self._restore(step, abstract_state, data_iter, data_record, allow_data_change)
       except RunMismatchError:
         raise
       except Exception as e:  # noqa: BLE001 - any failure to read a step means: try an older one
@@ -243,7 +260,24 @@ class TrainCheckpointer:
     multihost_sync(f"set_aside_{step}")
     self.manager.reload()
 
-  def _restore(self, step, abstract_state, data_iter):
+  def _check_data(self, step, data_record, allow_data_change):
+    from pixeldit_jax.data import identity  # noqa: PLC0415 - the data package imports grain workers
+    meta = self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    problem = identity.mismatch(meta.get("data"), data_record)
+    if problem is None:
+      return
+    if allow_data_change:
+      logging.warning("Resuming step %d of %s on other data (config.train.allow_data_change): it "
+                      "trained on %s", step, self.directory, problem)
+      return
+    raise DataChangedError(
+        f"Checkpoint step {step} in {self.directory} was trained on {problem}. Point config.data at "
+        "the data the run trained on to resume, or resume on the new data with "
+        "--config.train.allow_data_change=True.")
+
+  def _restore(self, step, abstract_state, data_iter, data_record=None, allow_data_change=False):
+    if data_record is not None:
+      self._check_data(step, data_record, allow_data_change)
     want_projector = bool(abstract_state.projector)
     if want_projector != fs.isdir(fs.join(self.directory, str(step), REPA_PROJECTOR)):
       # The optimizer state's structure differs too: not resumable, but not a damaged checkpoint.

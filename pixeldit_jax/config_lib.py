@@ -81,6 +81,9 @@ def train_defaults() -> ml_collections.ConfigDict:
       # A workdir whose checkpoints all fail to restore stops the run; True sets them aside and
       # starts over from step 0.
       restart_if_unreadable=False,
+      # A resume whose data differs from what the checkpoint records (source, split, size,
+      # fingerprint: pixeldit_jax.data.identity) stops the run; True resumes on the new data.
+      allow_data_change=False,
       # The workdir lock (<workdir>/run.lock) of a run whose heartbeat is older than this is
       # taken over (on the same host, a lock whose process is gone at once).
       lock_timeout_s=300.0,

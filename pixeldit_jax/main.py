@@ -73,10 +73,10 @@ def check_model(config, workdir: str) -> dict:
 def main(argv):
   del argv
   import jax
-  from pixeldit_jax import logs, sharding
+  from pixeldit_jax import distributed, logs
 
   def process_index():
-    sharding.maybe_initialize_distributed()  # before anything else starts the backends
+    distributed.initialize()  # before anything else starts the backends
     return jax.process_index()
 
   f = flags.FLAGS

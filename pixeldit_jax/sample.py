@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pixeldit_jax import checkpoint as ckpt_lib
-from pixeldit_jax import fs, images, sharding
+from pixeldit_jax import distributed, fs, images, sharding
 from pixeldit_jax.diffusion import samplers
 from pixeldit_jax.model import abstract as abstract_model
 
@@ -206,7 +206,8 @@ def run_text(config, checkpoint_dir: str, out_dir, prompts: list[str], step=None
   cond = cond or conditioning_lib.TextConditioning(config)
   text = cond.embed(prompts)
   negative = cond.embed([negative_prompt], null=True)
-  fn = jax.jit(make_text_sample_batch(graphdef, s, (h, w, model_cfg.in_channels)))
+  fn = distributed.Synced(jax.jit(make_text_sample_batch(graphdef, s, (h, w, model_cfg.in_channels))),
+                         "text_sample_batch")
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, rules, a.ndim))
 
   def make_images(idx):
@@ -228,7 +229,7 @@ def run_text(config, checkpoint_dir: str, out_dir, prompts: list[str], step=None
     images.save_png(images.grid(x, len(prompts) if per > 1 else max(1, int(total ** 0.5))), grid_path,
                     scale=max(1, 256 // max(h, w)))
     summary.update(samples=path, grid=grid_path)
-  multihost_utils.sync_global_devices("sample_end")
+  distributed.barrier("sample_end")
   return summary
 
 
@@ -249,8 +250,10 @@ def run(config, checkpoint_dir: str, out_dir=None, step=None, out_root=None) -> 
   record = _record(step, settings, checkpoint=fs.resolve(checkpoint_dir), image_size=[h, w],
                    total=total, **s.to_dict())
   batch_sharding = sharding.batch_sharding(mesh, rules, 1)
-  fn = jax.jit(make_sample_batch(graphdef, s, (h, w, model_cfg.in_channels), model_cfg.num_classes),
-               in_shardings=(param_shardings, batch_sharding, batch_sharding))
+  fn = distributed.Synced(jax.jit(make_sample_batch(graphdef, s, (h, w, model_cfg.in_channels),
+                                                    model_cfg.num_classes),
+                                  in_shardings=(param_shardings, batch_sharding, batch_sharding)),
+                          "sample_batch")
   put = lambda a: jax.make_array_from_process_local_data(batch_sharding, a[_local_slice(len(a))])
 
   def make_images(idx):
@@ -271,7 +274,7 @@ def run(config, checkpoint_dir: str, out_dir=None, step=None, out_root=None) -> 
     grid_path = fs.join(out_dir, "grid.png")
     images.save_png(images.grid(x[pick], rows), grid_path, scale=max(1, 256 // max(h, w)))
     summary.update(samples=path, grid=grid_path)
-  multihost_utils.sync_global_devices("sample_end")
+  distributed.barrier("sample_end")
   return summary
 
 
@@ -379,13 +382,13 @@ def _sample_parts(out_dir: str, record: dict, total: int, batch: int, make_image
   parts_dir = fs.join(out_dir, "parts")
   is_main = jax.process_index() == 0
   _check_folder(out_dir, parts_dir, record)  # every process reads the same files: all refuse or none
-  multihost_utils.sync_global_devices("sample_check")
+  distributed.barrier("sample_check")
   x = None
   if is_main:
     fs.write_text(fs.join(out_dir, "settings.json"), json.dumps(record, indent=1, default=str))
     x = np.zeros((total, *image_shape), np.uint8)
     _load_parts(parts_dir, record, total, image_shape, x)
-  multihost_utils.sync_global_devices("sample_parts")
+  distributed.barrier("sample_parts")
   # After the barrier every process lists the same intact parts, so all agree on what is missing.
   covered = np.zeros(total, bool)
   for a, b in _part_ranges(parts_dir, total).values():
@@ -411,7 +414,7 @@ def main(argv):
   del argv
   from pixeldit_jax import config_lib
   f = flags.FLAGS
-  sharding.maybe_initialize_distributed()
+  distributed.initialize()
   config = f.config
   config_lib.validate(config)
   if bool(f.workdir) == bool(f.checkpoint):

@@ -258,3 +258,46 @@ print(json.dumps({{"losses": out, "straight": straight, "moved": moved["losses"]
   assert got["start"] == 2
   for s in ("2", "3"):
     assert got["moved"][s] == pytest.approx(got["straight"][s], abs=1e-5)
+
+
+def test_resume_on_other_data_refuses_unless_allowed(tmp_path):
+  from pixeldit_jax import checkpoint as ckpt_lib
+  config = small_config(num_steps=3)
+  trainer.train(config, str(tmp_path))
+  _, meta = ckpt_lib.read_meta(str(tmp_path / "checkpoints"), 3)
+  assert meta["data"]["kind"] == "fake" and meta["data"]["num_examples"] == 1 << 16
+  config.train.num_steps = 4
+  config.data.num_records = 1000  # other data: refused in one line naming the override
+  with pytest.raises(ckpt_lib.DataChangedError) as e:
+    trainer.train(config, str(tmp_path))
+  message = str(e.value)
+  assert "num_examples 65536" in message and "num_examples 1000" in message and "\n" not in message
+  assert "--config.train.allow_data_change=True" in message
+  config.train.allow_data_change = True
+  summary = trainer.train(config, str(tmp_path))
+  assert summary["start_step"] == 3 and summary["step"] == 4
+  _, meta = ckpt_lib.read_meta(str(tmp_path / "checkpoints"), 4)
+  assert meta["data"]["num_examples"] == 1000  # from now on the run records the new data
+
+
+def test_data_fingerprint_tells_the_mnist_fallback_from_fashion_mnist(tmp_path):
+  from pixeldit_jax.data import fashion_mnist, folder, identity
+  from pixeldit_jax.data.config import default_data_config
+  fmnist = fashion_mnist.SmallGrayscaleSource("fashion_mnist", "train", None, (28, 28), 1)
+  digits = fashion_mnist.SmallGrayscaleSource("mnist_subset", "train", None, (28, 28), 1)
+  a = identity.record(fmnist, default_data_config(source="fashion_mnist"))
+  b = identity.record(digits, default_data_config(source="fashion_mnist"))  # the silent fallback
+  assert (a["source"], a["kind"], b["source"], b["kind"]) == (
+      "fashion_mnist", "fashion_mnist", "fashion_mnist", "mnist_subset")
+  assert a["fingerprint"] != b["fingerprint"] and b["num_examples"] == 5000
+  assert "mnist_subset" in identity.mismatch(a, b) and identity.mismatch(a, dict(a)) is None
+  # Two image folders of the same size differ by their examples.
+  from PIL import Image
+  records = []
+  for name, colour in (("one", 10), ("two", 200)):
+    os.makedirs(tmp_path / name / "cls")
+    Image.new("RGB", (8, 8), (colour, 0, 0)).save(tmp_path / name / "cls" / "a.png")
+    records.append(identity.record(folder.FolderSource(str(tmp_path / name), (8, 8), 3),
+                                   default_data_config(source="folder", path=str(tmp_path / name))))
+  assert records[0]["num_examples"] == records[1]["num_examples"] == 1
+  assert "fingerprint" in identity.mismatch(*records)

@@ -17,7 +17,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from pixeldit_jax.data import sources
+from pixeldit_jax.data import identity, sources
 from pixeldit_jax.data.base import ImageSource, UnreadableDataError
 from pixeldit_jax.data.config import data_config
 
@@ -121,7 +121,8 @@ def build(config: ml_collections.ConfigDict, process_index: Optional[int] = None
 
   Batches are dicts of numpy arrays: image uint8 (B_local, H, W, C), label / skipped / converted
   int32 (B_local,), index int64 (B_local,) (source indices), with
-  B_local = config.batch_size // process_count.
+  B_local = config.batch_size // process_count. Its `identity` attribute names the data
+  (``data.identity.record``).
   """
   process_index, process_count = resolve_process(process_index, process_count)
   data = data_config(config)
@@ -142,6 +143,7 @@ def build(config: ml_collections.ConfigDict, process_index: Optional[int] = None
     ds = ds.random_map(RandomFlip())
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = read_in_parallel(ds, data)
+  ds.identity = identity.record(source, data)  # what checkpoints record (data.identity)
   log.info("Data: %s, process %d/%d, %d examples per process, local batch %d, %d workers",
            source.description, process_index, process_count, per_process, batch_size,
            data.num_workers)

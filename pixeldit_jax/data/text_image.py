@@ -72,7 +72,7 @@ from PIL import Image
 
 from pixeldit_jax import fs
 from pixeldit_jax.data import buckets as buckets_lib
-from pixeldit_jax.data import captioned_fmnist, transforms
+from pixeldit_jax.data import captioned_fmnist, identity, transforms
 from pixeldit_jax.data.base import DataNotFoundError, UnreadableDataError
 from pixeldit_jax.data.config import data_config, default_data_config
 from pixeldit_jax.data.pipeline import MAX_TRIES, local_batch_size, read_in_parallel, resolve_process
@@ -598,6 +598,7 @@ def build_text_image(config: ml_collections.ConfigDict, process_index: Optional[
   ds = ds.map(ReadSlot(source, plan, table, resize=data.resize))
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=stack_batch)
   ds = read_in_parallel(ds, data)
+  ds.identity = identity.record(source, data)  # what checkpoints record (data.identity)
   log.info("Text-image data: %s, process %d/%d, buckets %s, %d steps per epoch, local batch %d, "
            "%d workers", source.description, process_index, process_count, table.name,
            plan.steps_per_epoch, batch_size, data.num_workers)

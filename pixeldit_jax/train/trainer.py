@@ -4,8 +4,11 @@
 
 The run resumes from the newest readable checkpoint in ``<workdir>/checkpoints``; when there are
 checkpoints but none restores, it stops (NoReadableCheckpointError) unless
-config.train.restart_if_unreadable. SIGTERM (or a preemption notice in multi-process runs) makes it
-save and stop cleanly at the next step. One run at a time owns the workdir (``workdir_lock``).
+config.train.restart_if_unreadable, and on other data than the checkpoint records it stops
+(DataChangedError) unless config.train.allow_data_change. SIGTERM makes it save and stop cleanly at
+the next step; in a run of several processes, SIGTERM to any one of them reaches all through JAX's
+preemption service, and all save the same step and stop. One run at a time owns the workdir
+(``workdir_lock``).
 
 Steps are named by how many are done: the step that takes the state from 4 to 5 completed steps
 is step 5, in metrics.jsonl, TensorBoard, the console and errors alike.
@@ -30,7 +33,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pixeldit_jax import checkpoint as ckpt_lib
-from pixeldit_jax import cli, config_lib, data, fs, images, logs, sharding
+from pixeldit_jax import cli, config_lib, data, distributed, fs, images, logs, sharding
 from pixeldit_jax import sample as sample_lib
 from pixeldit_jax.model import abstract as abstract_model
 from pixeldit_jax.model.cost import forward_flops
@@ -52,13 +55,19 @@ cli.register(NonFiniteError)  # entry points print it as one `error:` line
 
 
 class _StopFlag:
-  """Set by SIGTERM; the loop checks it once per step."""
+  """Set by SIGTERM in a single-process run; the loop checks it once per step.
+
+  In a run of several processes it installs nothing: JAX's preemption service owns SIGTERM there
+  (a Python handler would replace its C++ one), tells every process, and the loop stops where
+  reached_preemption_sync_point agrees on a step (see pixeldit_jax.distributed)."""
 
   def __init__(self):
     self.stop = False
     self._previous = None
 
   def __enter__(self):
+    if distributed.preemption_service_active():
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no signal handling
@@ -276,13 +285,16 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
   data_iter = iter(pipeline)
   checkpointer = ckpt_lib.TrainCheckpointer(fs.join(workdir, "checkpoints"),
                                             every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints)
+  data_record = getattr(pipeline, "identity", None)
   meta = {"model": model_cfg.to_dict(), "config": json.loads(config.to_json_best_effort()),
-          "time_convention": "t2i_sigma" if cond.text else "c2i_t"}
+          "time_convention": "t2i_sigma" if cond.text else "c2i_t", "data": data_record}
 
   with jax.set_mesh(mesh):
     target = state_lib.abstract_state(model_cfg, tx, config.seed, state_shardings, make_projector)
     state = checkpointer.restore_latest(target, data_iter,
-                                        restart_if_unreadable=tcfg.get("restart_if_unreadable", False))
+                                        restart_if_unreadable=tcfg.get("restart_if_unreadable", False),
+                                        data_record=data_record,
+                                        allow_data_change=tcfg.get("allow_data_change", False))
     if state is None:
       state = jax.jit(lambda: state_lib.init(model_cfg, tx, config.seed, make_projector),
                       out_shardings=state_shardings)()
@@ -313,6 +325,7 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
       sample_fn = jax.jit(sample_lib.make_sample_batch(graphdef, grid_settings, image_shape,
                                                        model_cfg.num_classes),
                           in_shardings=(state_shardings.ema_params, None, None))
+    sample_fn = distributed.Synced(sample_fn, "sample_grid")
     h, w = config.image_size
     step_flops = 3 * config.batch_size * forward_flops(model_cfg, h, w)["total"]
     peak = metrics_lib.device_peak_tflops(tcfg.peak_tflops)
@@ -343,6 +356,9 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
       writer.close()
       raise error
 
+    # The preemption sync point is the step after the furthest any process has reported: report
+    # the start, so that a notice before the first step stops the run at its first step.
+    checkpointer.reached_preemption(start_step)
     with _StopFlag() as flag:
       for step in range(start_step, end_step):
         local = next(data_iter)
@@ -355,6 +371,8 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
           t0 = time.perf_counter()
           compiled_step = train_step.lower(state, batch, frozen).compile()
           compile_s = time.perf_counter() - t0
+          # No process starts the step's collectives long before the others (compile skew).
+          distributed.barrier("train_step_compiled")
           first_scalars = {"compile_s": compile_s}  # logged with the run's first interval
           if is_main:
             logs.console("Compiled the train step in %.1f s", compile_s)

@@ -1,0 +1,224 @@
+"""Multi-process runs: 2 processes x 2 CPU devices joined through the project's own start-up path
+(PIXELDIT_COORDINATOR / PIXELDIT_NUM_PROCESSES / PIXELDIT_PROCESS_ID on 127.0.0.1, as
+launch/gpu_multinode.sh sets them), FSDP over the 4 devices, against one process with 4 devices.
+
+One scenario, to pay for the start-ups once: train, SIGKILL one process after a checkpoint, restart
+both (resume), SIGTERM one process (both save the same step and stop cleanly), sample with the
+sampling binary as 2 processes; the losses and the samples equal those of one process.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import timeout
+from pixeldit_jax import distributed
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+# The smallest model the trainer takes, FSDP over every device: "embed" (32) splits 4 ways.
+OVERRIDES = {
+    "image_size": (8, 8), "batch_size": 8, "model.hidden_size": 32, "model.num_heads": 2,
+    "model.patch_size": 4, "model.patch_depth": 1, "model.pixel_depth": 1,
+    "model.pixel_hidden_size": 8, "model.num_classes": 5, "sharding.mesh_shape": (1, -1, 1),
+    "data.source": "fake", "data.num_workers": 0, "train.log_every": 1,
+    "train.checkpoint_every": 3, "train.keep_checkpoints": 1000, "train.sample_every": 0,
+    "train.sample_rows": 0, "train.lr": 1e-3, "sample.sampler": "euler", "sample.num_steps": 2,
+    "sample.num_per_class": 2, "sample.batch_size": 8}
+CONFIG = ["--config=configs/tiny.py:size=tiny"] + [
+    f"--config.{k}={v if isinstance(v, str) else repr(v).replace(' ', '')}" for k, v in OVERRIDES.items()]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+  # The suite's persistent compilation cache (see conftest): a restart, and a rerun of the suite,
+  # load the programs an earlier run compiled. Each process of a job still compiles on its own.
+  cache = os.environ.get("PIXELDIT_TEST_JAX_CACHE", os.path.join(REPO, ".jax_cache"))
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+  for k in distributed.COORDINATOR_ENV + (distributed.AUTO_ENV,):
+    env.pop(k, None)
+  env.update(extra)
+  return env
+
+
+class Job:
+  """`python -m module CONFIG args` as `n` processes of 2 devices (n=1: one process of 4 devices);
+  `module=None`: `python -c code`."""
+
+  def __init__(self, module, args: list, n: int, log_dir, code: str = ""):
+    self.port, self.n = _free_port(), n
+    os.makedirs(log_dir, exist_ok=True)
+    name = module.rsplit('.', 1)[1] if module else "reference"
+    self.logs = [os.path.join(log_dir, f"{name}_{self.port}_p{i}.txt") for i in range(n)]
+    cmd = [sys.executable, "-m", module, *CONFIG, *args] if module else [sys.executable, "-c", code, *args]
+    self.procs = []
+    for i in range(n):
+      env = _env(4 // n) if n == 1 else _env(
+          4 // n, PIXELDIT_COORDINATOR=f"127.0.0.1:{self.port}", PIXELDIT_NUM_PROCESSES=str(n),
+          PIXELDIT_PROCESS_ID=str(i))
+      with open(self.logs[i], "w") as out:
+        self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+
+  def output(self, i: int) -> str:
+    with open(self.logs[i]) as f:
+      return f.read()
+
+  def wait(self, seconds: float) -> list:
+    deadline = time.time() + timeout(seconds)
+    try:
+      return [p.wait(timeout=max(1.0, deadline - time.time())) for p in self.procs]
+    except subprocess.TimeoutExpired:
+      self.kill()
+      raise AssertionError("timed out; the last output:\n" + "\n".join(
+          f"--- process {i}\n{self.output(i)[-3000:]}" for i in range(self.n)))
+
+  def kill(self):
+    for p in self.procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGKILL)  # SIGTERM would only ask JAX's preemption service to save
+    for p in self.procs:
+      p.wait()
+
+  def check_ok(self, seconds: float):
+    codes = self.wait(seconds)
+    assert codes == [0] * self.n, "\n".join(f"--- process {i} (exit {c})\n{self.output(i)[-3000:]}"
+                                            for i, c in enumerate(codes))
+
+
+def _metrics(workdir) -> dict:
+  """step -> loss, the last line of each step (a resumed run logs the steps after its checkpoint
+  again)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  out = {}
+  with open(path) as f:
+    for line in f:
+      if line.endswith("\n"):
+        m = json.loads(line)
+        out[m["step"]] = m["loss"]
+  return out
+
+
+def _steps(workdir) -> list:
+  ckpt = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) else []
+
+
+def _wait_for(cond, seconds: float, job: Job, what: str):
+  deadline = time.time() + timeout(seconds)
+  while time.time() < deadline:
+    if cond():
+      return
+    if any(p.poll() is not None for p in job.procs):
+      job.kill()
+      raise AssertionError(f"a process ended while waiting for {what}:\n" + "\n".join(
+          f"--- process {i}\n{job.output(i)[-3000:]}" for i in range(job.n)))
+    time.sleep(0.2)
+  job.kill()
+  raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(
+      f"--- process {i}\n{job.output(i)[-3000:]}" for i in range(job.n)))
+
+
+# One process of 4 devices, fed what 2 processes read together. The pipeline gives each process
+# its own shuffled share of the data (data/pipeline.py), so a 1-process run of the same config
+# reads other batches; here each global batch is process 0's local batch followed by process 1's,
+# as make_array_from_process_local_data lays them out over the 4 devices.
+REFERENCE = """
+import json, sys
+from pixeldit_jax import config_lib, data, sample
+from pixeldit_jax.train import trainer
+workdir, steps, overrides, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+config = config_lib.load("configs/tiny.py:size=tiny")
+for key, value in overrides.items():
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = tuple(value) if isinstance(value, list) else value
+config.train.num_steps = steps
+build = data.build
+
+class Joined:
+  def __init__(self, parts):
+    self.parts = parts
+  def __next__(self):
+    batches = [next(p) for p in self.parts]
+    return {k: __import__("numpy").concatenate([b[k] for b in batches]) for k in batches[0]}
+  def get_state(self):
+    return json.dumps([p.get_state() for p in self.parts]).encode()
+  def set_state(self, state):
+    for p, s in zip(self.parts, json.loads(state)):
+      p.set_state(s)
+
+class Both:
+  def __init__(self, config):
+    self.pipelines = [build(config, i, 2) for i in range(2)]
+    self.identity = self.pipelines[0].identity
+  def __iter__(self):
+    return Joined([iter(p) for p in self.pipelines])
+
+data.build = Both
+trainer.train(config, workdir)
+# What the sampling binary runs, in this process (one start-up less).
+sample.run(config, workdir + "/checkpoints", out, steps)
+"""
+
+
+def test_two_processes_train_resume_preempt_and_sample_like_one(tmp_path):
+  multi, single, logs = str(tmp_path / "multi"), str(tmp_path / "single"), tmp_path / "logs"
+  forever = ["--config.train.num_steps=1000000"]
+
+  # Train until checkpoint 3 is complete, then SIGKILL process 1, and process 0 after it (as a
+  # scheduler restarting the job would).
+  job = Job("pixeldit_jax.main", [f"--workdir={multi}", *forever], 2, logs)
+  _wait_for(lambda: 3 in _steps(multi), 240, job, "checkpoint 3")
+  job.procs[1].send_signal(signal.SIGKILL)
+  job.procs[1].wait()
+  job.kill()
+  resumed_from = _steps(multi)[-1]
+
+  # Restart both: the run resumes; SIGTERM to process 1 alone (JAX's preemption service tells
+  # process 0) stops both at the same step, with one checkpoint there, and exit code 0.
+  job = Job("pixeldit_jax.main", [f"--workdir={multi}", *forever], 2, logs)
+  _wait_for(lambda: max(_metrics(multi), default=0) >= resumed_from + 2, 240, job, "steps after the resume")
+  job.procs[1].send_signal(signal.SIGTERM)
+  job.check_ok(120)
+  stop = max(_metrics(multi))
+  assert _steps(multi)[-1] == stop, (_steps(multi), stop)
+  assert "Resumed from step" in open(os.path.join(multi, "log.txt")).read()
+  for i in range(2):  # both stopped at the step of the checkpoint
+    assert f"Stopped by preemption at step {stop}" in job.output(i), job.output(i)[-2000:]
+
+  # One process of 4 devices trains the same steps straight and samples, while the 2 processes
+  # sample with the sampling binary.
+  multi_sample = Job("pixeldit_jax.sample", [f"--workdir={multi}", f"--out={tmp_path}/multi_samples",
+                                             f"--step={stop}"], 2, logs)
+  ref = Job(None, [single, str(stop), json.dumps(OVERRIDES), f"{tmp_path}/single_samples"], 1, logs,
+            code=REFERENCE)
+  ref.check_ok(240)
+  multi_sample.check_ok(240)
+
+  got, want = _metrics(multi), _metrics(single)
+  assert sorted(got) == sorted(want) == list(range(1, stop + 1))
+  # The weights are bit-identical (the samples below); a logged loss, a mean over the 4 devices,
+  # may differ in its last bit: gloo sums across processes in another order than one process.
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-6, atol=0)
+  with np.load(f"{tmp_path}/multi_samples/samples.npz") as a, np.load(f"{tmp_path}/single_samples/samples.npz") as b:
+    assert a["arr_0"].shape == (10, 8, 8, 3)
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
