@@ -526,25 +526,6 @@ def main(argv=None):
   train = Train(args, dev)
   cudnn_ok = None
 
-  def train_variants(scan):
-    nonlocal cudnn_ok
-    for attention in attentions:
-      name = f"train/{'scanned' if scan else 'unrolled'}/{attention}"
-      if attention == "cudnn" and not gpu:
-        skip(report, name, f"cuDNN attention needs a CUDA GPU (backend {jax.default_backend()})")
-        continue
-      est = estimate(scan)
-      if time.time() + est > deadline - 5:
-        skip(report, name, f"would overrun the budget (estimated {est:.0f} s, "
-                           f"{deadline - time.time():.0f} s left)")
-        continue
-      r = guarded(report, name, train.run, scan, attention or None, inject=inject)
-      if attention == "cudnn":
-        cudnn_ok = r["status"] == "ok"
-      print(f"[{name}] {r['status']} ({r['wall_s']:.1f} s"
-            + (f", {r['images_per_s']:.1f} img/s, MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else "")
-            + ")", flush=True)
-
   def estimate(scan):
     """Seconds a train variant should take, from the ones already run (unrolled: compile x3)."""
     done = [r for n, r in report.data["parts"].items() if n.startswith("train/") and r.get("status") == "ok"]
@@ -556,38 +537,58 @@ def main(argv=None):
     r = max(done, key=lambda r: r["wall_s"])
     return r["wall_s"] + 2.0 * (r["lower_s"] + r["compile_s"])
 
-  if "train" in parts and True in blocks:
-    train_variants(True)
-  if "sample" in parts:
-    attention = ("cudnn" if cudnn_ok else "xla") if gpu else None
-    est = 20.0 if args.smoke else 120.0
-    if time.time() + est > deadline - 5:
-      skip(report, "sample", f"would overrun the budget ({deadline - time.time():.0f} s left)")
-    else:
-      r = guarded(report, "sample", part_sample, args, dev, attention, inject=inject)
-      if r["status"] == "error" and attention == "cudnn":  # retry once with XLA attention
-        report.data["parts"]["sample_cudnn_error"] = r
-        del report.data["parts"]["sample"]
-        r = guarded(report, "sample", part_sample, args, dev, "xla", inject=inject)
-      print(f"[sample] {r['status']} ({r['wall_s']:.1f} s"
-            + (f", {r['images_per_s']:.3f} img/s" if r.get("images_per_s") else "") + ")", flush=True)
-  if "train" in parts and False in blocks:
-    train_variants(False)
-  if "train" in parts and args.extra_remat and args.extra_remat != args.remat:
-    # The recipe's policy (configs/imagenet256_xl.py uses full remat), scanned, with the attention
-    # that worked: what remat costs at the same batch.
-    attention = "cudnn" if (gpu and cudnn_ok) else ("xla" if "xla" in attentions else attentions[0])
-    name = f"train/scanned/{attention}/remat={args.extra_remat}"
-    est = estimate(True)
+  def over_budget(name, est):
     if time.time() + est > deadline - 5:
       skip(report, name, f"would overrun the budget (estimated {est:.0f} s, "
                          f"{deadline - time.time():.0f} s left)")
-    else:
-      r = guarded(report, name, lambda o: train.run(True, attention, o, remat=args.extra_remat),
-                  inject=inject)
-      print(f"[{name}] {r['status']} ({r['wall_s']:.1f} s"
-            + (f", {r['images_per_s']:.1f} img/s, MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else "")
-            + ")", flush=True)
+      return True
+    return False
+
+  def train_variant(scan, attention, remat=None):
+    nonlocal cudnn_ok
+    name = f"train/{'scanned' if scan else 'unrolled'}/{attention}" + (f"/remat={remat}" if remat else "")
+    if attention == "cudnn" and not gpu:
+      skip(report, name, f"cuDNN attention needs a CUDA GPU (backend {jax.default_backend()})")
+      return
+    if over_budget(name, estimate(scan)):
+      return
+    r = guarded(report, name, lambda o: train.run(scan, attention or None, o, remat=remat), inject=inject)
+    if attention == "cudnn" and remat is None:
+      cudnn_ok = r["status"] == "ok"
+    print(f"[{name}] {r['status']} ({r['wall_s']:.1f} s"
+          + (f", {r['images_per_s']:.1f} img/s, MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else "")
+          + ")", flush=True)
+
+  def sample():
+    attention = ("cudnn" if cudnn_ok else "xla") if gpu else None
+    done = [r["wall_s"] for n, r in report.data["parts"].items() if n.startswith("train/") and "wall_s" in r]
+    est = 20.0 if args.smoke else max(60.0, min(done) if done else 120.0)
+    if over_budget("sample", est):
+      return
+    r = guarded(report, "sample", part_sample, args, dev, attention, inject=inject)
+    if r["status"] == "error" and attention == "cudnn":  # retry once with XLA attention
+      report.data["parts"]["sample_cudnn_error"] = report.data["parts"].pop("sample")
+      r = guarded(report, "sample", part_sample, args, dev, "xla", inject=inject)
+    print(f"[sample] {r['status']} ({r['wall_s']:.1f} s"
+          + (f", {r['images_per_s']:.3f} img/s" if r.get("images_per_s") else "") + ")", flush=True)
+
+  # The order makes sure that a slow compile still leaves one result of each kind: the first train
+  # variant, then sampling, then the other variants, the recipe's remat policy last.
+  plan = [("train", (scan, attention)) for scan in (True, False) if scan in blocks for attention in attentions]
+  if "train" not in parts:
+    plan = []
+  if "sample" in parts:
+    plan.insert(min(1, len(plan)), ("sample", None))
+  if "train" in parts and args.extra_remat and args.extra_remat != args.remat and True in blocks:
+    plan.append(("remat", None))
+  for kind, what in plan:
+    if kind == "train":
+      train_variant(*what)
+    elif kind == "sample":
+      sample()
+    else:  # the recipe's policy (configs/imagenet256_xl.py: full remat), scanned, the attention that worked
+      attention = "cudnn" if (gpu and cudnn_ok) else ("xla" if "xla" in attentions else attentions[0])
+      train_variant(True, attention, remat=args.extra_remat)
 
   report.data["memory"] = memory_stats(dev)
   report.data["total_s"] = time.time() - start
