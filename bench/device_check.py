@@ -1,6 +1,6 @@
 """One-command device check for a CUDA GPU (or TPU): parity, XL training throughput/MFU, T2I sampling.
 
-    python bench/device_check.py [--out device_check.json] [--budget-s 430] [--smoke]
+    python bench/device_check.py [--out device_check.json] [--budget-s 440] [--smoke]
 
 Parts, each guarded (a failure is recorded in the JSON under that part and the others still run):
   1. parity   forward of a small fp32 PixelDiT (random, perturbed weights) on the accelerator
@@ -220,7 +220,7 @@ def choose_batch(args, dev) -> int:
   # 1.1 GB of activations per image (CPU memory analysis); keep 15% free.
   per_image = {"none": 1.2e9, "dots": 0.6e9, "dots_no_batch": 0.9e9, "full": 0.15e9}[args.remat]
   b = int((0.85 * limit - 26e9) / per_image)
-  return int(max(8, min(64, b // 8 * 8)))
+  return int(max(8, min(128, b // 8 * 8)))
 
 
 class Train:
@@ -473,7 +473,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default="device_check.json")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes: runs on a CPU in seconds")
-  ap.add_argument("--budget-s", type=float, default=430.0,
+  ap.add_argument("--budget-s", type=float, default=440.0,
                   help="hard wall-clock budget from start; parts that would overrun it are skipped")
   ap.add_argument("--xl-batch", type=int, default=0, help="train batch (0: from the device memory)")
   ap.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"))
