@@ -222,3 +222,29 @@ def test_two_processes_train_resume_preempt_and_sample_like_one(tmp_path):
   with np.load(f"{tmp_path}/multi_samples/samples.npz") as a, np.load(f"{tmp_path}/single_samples/samples.npz") as b:
     assert a["arr_0"].shape == (10, 8, 8, 3)
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_distributed_start_up_reads_the_launchers_environment(monkeypatch):
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  for k in distributed.COORDINATOR_ENV + (distributed.AUTO_ENV,):
+    monkeypatch.delenv(k, raising=False)
+  assert distributed.initialize() is False and not calls
+  monkeypatch.setenv("PIXELDIT_DISTRIBUTED", "1")
+  assert distributed.initialize() is True and calls[-1] == ((), {})
+  monkeypatch.setenv("PIXELDIT_COORDINATOR", "10.0.0.1:1234")
+  with pytest.raises(ValueError, match="PIXELDIT_NUM_PROCESSES"):
+    distributed.initialize()
+  monkeypatch.setenv("PIXELDIT_NUM_PROCESSES", "4")
+  monkeypatch.setenv("PIXELDIT_PROCESS_ID", "two")
+  with pytest.raises(ValueError, match="must be integers"):
+    distributed.initialize()
+  monkeypatch.setenv("PIXELDIT_PROCESS_ID", "2")
+  assert distributed.initialize() is True
+  assert calls[-1] == (("10.0.0.1:1234",), dict(num_processes=4, process_id=2,
+                                                  cluster_detection_method="deactivate"))
+  assert distributed.jax.config.jax_cpu_collectives_implementation == "gloo"
+  # In one process: no barrier, no preemption service, and Synced is the jitted function.
+  distributed.barrier("nothing to wait for")
+  assert not distributed.preemption_service_active()
+  assert int(distributed.Synced(distributed.jax.jit(lambda x: x + 1), "add")(1)) == 2
