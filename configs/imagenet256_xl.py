@@ -8,6 +8,8 @@ facebook/dinov2-base model.safetensors, or torch hub dinov2_vitb14_pretrain.pth)
       --workdir=gs://BUCKET/pixeldit_xl256
 Variants: `:size=B`, `:size=L` (PixelDiT-B/16 184.75 M params, -L/16 569.65 M, -XL/16 797.38 M;
 the B and L recipes are the XL one, which the paper does not confirm, spec §12.8).
+Memory: full remat by default, which fits both (AOT-compiled for v5p-32: 7.4 GiB per chip);
+`--config.model.remat_policy=dots` is faster and fits v5p-32 (~75 GiB per chip) but not 80 GB GPUs.
 Recipe (spec §4.2, §4.3): batch 256, AdamW 1e-4, clip 1.0, 1.6 M steps (320 epochs), LR 1e-5 and
 clip 0.5 after 160 epochs, EMA 0.9999, logit-normal t with shift 1.0, 10% label dropout, bf16;
 REPA weight 0.5 on the output of patch block 8 through a D-D-D-768 projector, DINOv2 at 224x224.
@@ -26,8 +28,11 @@ def get_config(arg=None):
   v = config_lib.parse_variant(arg, size="XL")
   c = config_lib.base_config()
   c.image_size = (256, 256)
-  c.model = config_lib.model_dict(preset(v.size, dtype="bfloat16"))
+  # Full remat: the step needs 7.4 GiB per chip on v5p-32 (FSDP 16, REPA teacher in the step);
+  # without remat 163 GiB, over v5p's 95 (python -m pixeldit_jax.aot, bench/results/aot_tpu.md).
+  c.model = config_lib.model_dict(preset(v.size, dtype="bfloat16", remat_policy="full"))
   c.batch_size = 256
+  c.sharding.dcn_mesh_shape = (1, 1, 1)  # multi-slice: e.g. (2, 1, 1), data parallel over 2 slices
   c.data.source = "imagenet"
   c.data.num_workers = 8
   t = c.train

@@ -20,8 +20,11 @@ t2i/inference.py, CFG 3.5, no negative prompt, seed 0 (our noise is not torch's,
 does not give the same images). Combine with a stage as `:stage1,preset=inference`.
 
 Hardware: the paper trained on A100/H100 nodes (batch 1024 at 512, 768 at 1024); on TPU use a
-v5p-128 or larger with FSDP (the default mesh). Data: webdataset tar shards of image + caption
-(`NNNN.tar` with key.jpg + key.txt/json) in SHARDS; Gemma: a local copy of
+v5p-128 or larger with FSDP (the default mesh). Compiled ahead of time for v5p-128 (python -m
+pixeldit_jax.aot), stage 1 needs 536 GiB per chip today, not 95: the model sets no activation
+sharding constraints and XLA replicates the batch; with the batch pinned at the block stacks
+(a model change still to make) it needs 15 GiB. See bench/results/aot_tpu.md.
+Data: webdataset tar shards of image + caption (`NNNN.tar` with key.jpg + key.txt/json) in SHARDS; Gemma: a local copy of
 Efficient-Large-Model/gemma-2-2b-it (config.json, tokenizer.json, *.safetensors) in GEMMA_DIR.
 Paper results: GenEval 0.74 and DPG-Bench 83.5 at 1024 (0.78 / 83.7 at 512).
 """
@@ -77,7 +80,9 @@ def get_config(arg=None):
   st = STAGES[chosen[0]]
   c = config_lib.base_config()
   c.image_size = (st["res"], st["res"])
-  c.model = config_lib.model_dict(preset("T2I", dtype="bfloat16", remat_policy="dots"))
+  # Full remat: the least memory per chip (python -m pixeldit_jax.aot; bench/results/aot_tpu.md).
+  c.model = config_lib.model_dict(preset("T2I", dtype="bfloat16", remat_policy="full"))
+  c.sharding.dcn_mesh_shape = (1, 1, 1)  # multi-slice: e.g. (2, 1, 1), data parallel over 2 slices
   c.batch_size = st["batch"]
   c.text = text_section(encoder="gemma2", dtype="bfloat16")
   c.data.update(dict(source="webdataset", num_workers=8))
