@@ -138,6 +138,12 @@ def test_make_mesh_autofill_and_errors():
       cfg = lambda **kw: ml_collections.ConfigDict(kw)
       out["dcn_ones"] = dict(sharding.mesh_from_config(cfg(mesh_shape=(2, -1, 1), dcn_mesh_shape=(1, 1, 1))).shape)
       out["no_dcn"] = dict(sharding.mesh_from_config(cfg(mesh_shape=(1, -1, 1))).shape)
+      # constrain_batch: the leading dimension over (data, fsdp) under the mesh, a no-op without one.
+      import jax, jax.numpy as jnp
+      with jax.set_mesh(sharding.make_mesh((2, 2, 2))):
+        y = jax.jit(lambda x: sharding.constrain_batch(x * 2))(jnp.ones((8, 4)))
+      out["constrained"] = str(y.sharding.spec)
+      out["no_mesh"] = float(sharding.constrain_batch(jnp.ones(2)).sum())
       for bad in [(3, -1, 1), (2, 2, 1), (-1, -1, 1)]:
         try:
           sharding.make_mesh(bad)
@@ -149,6 +155,7 @@ def test_make_mesh_autofill_and_errors():
   assert got["dp"] == {"data": 2, "fsdp": 2, "tensor": 2}
   assert got["dcn_ones"] == {"data": 2, "fsdp": 4, "tensor": 1}
   assert got["no_dcn"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert got["constrained"] in (str(P(("data", "fsdp"))), str(P(("data", "fsdp"), None))) and got["no_mesh"] == 2.0
   assert "cannot fill" in got["(3, -1, 1)"]
   assert "needs 4 devices" in got["(2, 2, 1)"]
   assert "at most one" in got["(-1, -1, 1)"]
