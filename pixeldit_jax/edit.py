@@ -88,12 +88,14 @@ def _read_image(image, size, resize, what="--image", nearest=False, mode="RGB") 
       raise UserError(f"{what}: {path} is not a readable image ({type(e).__name__}: {e})") from e
   else:
     arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+      raise UserError(f"{what}: expected a uint8 image array, got {arr.dtype}")
     if arr.ndim == 2:
       arr = arr[..., None]
     if mode == "RGB" and arr.shape[-1] == 1:
       arr = np.repeat(arr, 3, -1)
-    if arr.dtype != np.uint8:
-      raise UserError(f"{what}: expected a uint8 image array, got {arr.dtype}")
+    elif mode == "L" and arr.shape[-1] != 1:
+      arr = np.asarray(images.Image.fromarray(arr[..., :3]).convert("L"), np.uint8)[..., None]
   h, w = int(size[0]), int(size[1])
   if arr.shape[:2] != (h, w):
     if resize is None:
@@ -152,7 +154,9 @@ def edit(config, *, image, target, method: str = "flowedit", source=None, mask=N
     raise ckpt_lib.CheckpointError(f"No checkpoint directory at {ckpt_dir}")
 
   h, w = config.image_size
-  src_u8, image_path = _read_image(image, (h, w), resize)
+  # The model's channels (3, or 1 for the grayscale Fashion-MNIST model): the image is converted.
+  channels = int(config.model.get("in_channels", 3))
+  src_u8, image_path = _read_image(image, (h, w), resize, mode="L" if channels == 1 else "RGB")
   mask_u8, mask_path = (None, None)
   if mask is not None:
     mask_u8, mask_path = _read_image(mask, (h, w), resize, "--mask", nearest=True, mode="L")
@@ -242,7 +246,7 @@ def edit(config, *, image, target, method: str = "flowedit", source=None, mask=N
 
 def panel(source: np.ndarray, edited: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
   """source | (mask) | edited side by side, uint8 HWC."""
-  tiles = [source] + ([np.repeat(mask, 3, -1)] if mask is not None else []) + [edited]
+  tiles = [source] + ([np.repeat(mask, source.shape[-1], -1)] if mask is not None else []) + [edited]
   return images.grid(np.stack(tiles), rows=1)
 
 
