@@ -134,10 +134,10 @@ table sharded over `embed`). Pinning the batch dimension where the two block sta
 (`sharding.constrain_batch`, a model change still to make) brings stage 1 on v5p-128 to 15.1 GiB
 per chip in a probe compile. Stage 3 at 1024 needs more than XLA reports (it prints 4.00T). The
 same propagation costs the ImageNet models too: XL/512 needs 34.8 GiB per chip on v5p-128 with 4
-images per chip, hardly less than 35.3 GiB on v5p-64 with 8. The train step's HLO (`--hlo`, and
-tests/test_aot.py on a small model) shows why: besides the FSDP parameter gathers, XLA all-gathers
-the pixel-level modulation, (batch, patches, 16 x 16 x 6 x 16) for the whole batch, onto every
-chip, 12.9 GB in bf16 at XL/512.
+images per chip, hardly less than 35.3 GiB on v5p-64 with 8. The train step's HLO of a small
+model (`--hlo`, tests/test_aot.py) suggests why: besides the FSDP parameter gathers, XLA
+all-gathers activations of the whole batch onto every chip, among them the pixel-level modulation
+(batch, patches, 16 x 16 x 6 x 16), which at XL/512 would be 12.9 GB in bf16.
 """
 
 
