@@ -10,8 +10,16 @@ A checkpoint directory is managed by an Orbax ``CheckpointManager``; each step h
   ``data``        the Grain iterator position (training only)
   ``meta``        JSON: format tag, the model config (so a checkpoint rebuilds its own model),
                   where the weights came from, the experiment config
+  ``lora``        LoRA adapters {"params", "ema"} (LoRA runs only; see below)
 
 The official-checkpoint importer writes ``ema_params`` + ``meta``; training writes all items.
+
+A LoRA run (config.train.lora.rank > 0) saves ``lora``, ``opt_state`` (of the adapters), ``train``,
+``data`` and ``meta``, and no ``params``/``ema_params``: its base weights are the frozen
+``init_from`` checkpoint, recorded in meta["lora"] (``base``, ``base_step``, ``base_item``, with
+``rank``, ``alpha``, ``targets``), so a step is a few MB. Readers that only know ``ema_params``
+fail on it loudly instead of sampling the base model; ``sample``/``edit`` (through
+``sample._restore``) load base + adapters, and ``tools/merge_lora`` writes a plain checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ FORMAT = "pixeldit-jax/1"
 EMA_PARAMS, PARAMS, OPT_STATE, TRAIN, DATA, META = (
     "ema_params", "params", "opt_state", "train", "data", "meta")
 REPA_PROJECTOR = "repa_projector"
+LORA = "lora"
 _TRAIN_FIELDS = ("step", "rng", "nonfinite_step", "skipped_updates")
 
 
@@ -116,6 +125,28 @@ def load_params(directory: str, abstract_params, item: str = EMA_PARAMS, step: O
     except Exception as e:  # noqa: BLE001 - re-raised with the path and item that failed
       raise CheckpointError(f"Could not restore item {item!r} of step {step} from {directory}: {e}") from e
   return restored[item]
+
+
+def lora_record(directory: str, step: Optional[int] = None) -> Optional[dict]:
+  """meta["lora"] of a LoRA run's checkpoint step (default: the latest), else None."""
+  _, meta = read_meta(directory, step)
+  return meta.get("lora")
+
+
+def load_adapters(directory: str, step: Optional[int] = None, which: str = "ema",
+                  sharding: Optional[jax.sharding.Sharding] = None) -> tuple[int, dict, dict]:
+  """(step, adapters pure dict, meta["lora"]) of a LoRA checkpoint; `which` is "ema" (what the
+  sampler uses) or "params" (the online adapters)."""
+  from pixeldit_jax.model import lora as lora_lib  # noqa: PLC0415
+  step, meta = read_meta(directory, step)
+  record = meta.get("lora")
+  if not record:
+    raise CheckpointError(f"{directory} step {step} holds no LoRA adapters (no meta['lora'] record)")
+  cfg = PixelDiTConfig.from_dict(meta["model"])
+  abstract = lora_lib.adapters(lora_lib.build_abstract(cfg, record))
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+  tree = load_params(directory, {"params": target, "ema": target}, LORA, step)
+  return step, tree[which], record
 
 
 def load_params_latest_readable(directory: str, target, item: str = EMA_PARAMS) -> tuple[int, Any]:
@@ -203,9 +234,12 @@ class TrainCheckpointer:
     step wait for the device."""
     if force and step in self.manager.all_steps():
       return False
+    # A LoRA run's base weights are frozen and live in its init_from checkpoint: only adapters.
+    weights = ({LORA: ocp.args.StandardSave(state.lora)} if state.lora else
+               {PARAMS: ocp.args.StandardSave(state.params),
+                EMA_PARAMS: ocp.args.StandardSave(state.ema_params)})
     items = {
-        PARAMS: ocp.args.StandardSave(state.params),
-        EMA_PARAMS: ocp.args.StandardSave(state.ema_params),
+        **weights,
         OPT_STATE: ocp.args.StandardSave(state.opt_state),
         **({REPA_PROJECTOR: ocp.args.StandardSave(state.projector)} if state.projector else {}),
         TRAIN: ocp.args.StandardSave({k: getattr(state, k) for k in _TRAIN_FIELDS}),
@@ -215,19 +249,24 @@ class TrainCheckpointer:
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore_latest(self, abstract_state, data_iter, restart_if_unreadable: bool = False,
-                     data_record: Optional[Mapping] = None, allow_data_change: bool = False):
+                     data_record: Optional[Mapping] = None, allow_data_change: bool = False,
+                     lora_record: Optional[Mapping] = None):
     """The newest readable checkpoint restored onto `abstract_state`'s shardings, or None when
     there is none. Newer unreadable steps are set aside. When steps exist but none restores, raises
     NoReadableCheckpointError, leaving them untouched; `restart_if_unreadable` instead sets them
     all aside and returns None (start over). A checkpoint whose meta records other data than
     `data_record` (data.identity) raises DataChangedError, unless `allow_data_change`.
 
-    `data_iter` is moved to the saved position in place.
+    `data_iter` is moved to the saved position in place. For a LoRA run (abstract_state.lora
+    set) the returned state's `params` are still the abstract base: the caller loads the base;
+    a step with other LoRA settings than `lora_record` (rank, alpha, targets) is a
+    RunMismatchError.
     """
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        state = self._restore(step, abstract_state, data_iter, data_record, allow_data_change)
+        state = self._restore(step, abstract_state, data_iter, data_record, allow_data_change,
+                              lora_record)
       except RunMismatchError:
         raise
       except Exception as e:  # noqa: BLE001 - any failure to read a step means: try an older one
@@ -275,9 +314,32 @@ class TrainCheckpointer:
         "the data the run trained on to resume, or resume on the new data with "
         "--config.train.allow_data_change=True.")
 
-  def _restore(self, step, abstract_state, data_iter, data_record=None, allow_data_change=False):
+  def _check_lora(self, step, want: bool, lora_record):
+    has = fs.isdir(fs.join(self.directory, str(step), LORA))
+    if want != has:
+      raise RunMismatchError(
+          f"Checkpoint step {step} in {self.directory} was saved {'without' if want else 'with'} "
+          f"LoRA, but the config now has config.train.lora.rank {'> 0' if want else '= 0'}. Keep the "
+          "original setting to resume, or start a new workdir (with --config.train.init_from=... to "
+          "start from its weights; python -m pixeldit_jax.tools.merge_lora makes a LoRA run's "
+          "weights a plain checkpoint).")
+    if not want or lora_record is None:
+      return
+    meta = self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    saved = meta.get("lora") or {}
+    keys = ("rank", "alpha", "targets")
+    if any(saved.get(k) != lora_record.get(k) for k in keys):
+      raise RunMismatchError(
+          f"Checkpoint step {step} in {self.directory} has LoRA "
+          f"{ {k: saved.get(k) for k in keys} }, the config { {k: lora_record.get(k) for k in keys} }. "
+          "Keep the original config.train.lora to resume, or start a new workdir.")
+
+  def _restore(self, step, abstract_state, data_iter, data_record=None, allow_data_change=False,
+               lora_record=None):
     if data_record is not None:
       self._check_data(step, data_record, allow_data_change)
+    want_lora = bool(abstract_state.lora)
+    self._check_lora(step, want_lora, lora_record)
     want_projector = bool(abstract_state.projector)
     if want_projector != fs.isdir(fs.join(self.directory, str(step), REPA_PROJECTOR)):
       # The optimizer state's structure differs too: not resumable, but not a damaged checkpoint.
@@ -286,9 +348,11 @@ class TrainCheckpointer:
           f"{'without' if want_projector else 'with'} REPA, but the config now has REPA "
           f"{'on' if want_projector else 'off'}. Keep the original setting to resume, or start a "
           f"new workdir with --config.train.init_from={self.directory} to keep the weights.")
+    weights = ({LORA: ocp.args.StandardRestore(abstract_state.lora)} if want_lora else
+               {PARAMS: ocp.args.StandardRestore(abstract_state.params),
+                EMA_PARAMS: ocp.args.StandardRestore(abstract_state.ema_params)})
     items = {
-        PARAMS: ocp.args.StandardRestore(abstract_state.params),
-        EMA_PARAMS: ocp.args.StandardRestore(abstract_state.ema_params),
+        **weights,
         OPT_STATE: ocp.args.StandardRestore(abstract_state.opt_state),
         **({REPA_PROJECTOR: ocp.args.StandardRestore(abstract_state.projector)}
            if want_projector else {}),
@@ -296,9 +360,9 @@ class TrainCheckpointer:
         DATA: grain.checkpoint.CheckpointRestore(data_iter),
     }
     r = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return abstract_state.replace(params=r[PARAMS], ema_params=r[EMA_PARAMS],
-                                  projector=r[REPA_PROJECTOR] if want_projector else {},
-                                  opt_state=r[OPT_STATE], **r[TRAIN])
+    weights = (dict(lora=r[LORA]) if want_lora else dict(params=r[PARAMS], ema_params=r[EMA_PARAMS]))
+    return abstract_state.replace(projector=r[REPA_PROJECTOR] if want_projector else {},
+                                  opt_state=r[OPT_STATE], **weights, **r[TRAIN])
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)

@@ -90,6 +90,12 @@ def train_defaults() -> ml_collections.ConfigDict:
       # Start a fresh run from another checkpoint's weights (fresh optimizer; the official
       # --load_from between T2I stages). Ignored when the workdir already has checkpoints.
       init_from=config_dict.placeholder(str),
+      # LoRA fine-tuning (pixeldit_jax.model.lora): rank > 0 trains only low-rank adapters on the
+      # targeted linears of the init_from checkpoint's weights (EMA item where it has one), which
+      # stay frozen. alpha None = rank (scale alpha / rank = 1). Targets: attn, mlp, adaln (patch
+      # level), pit_compaction, pit_attn, pixel_adaln (pixel level).
+      lora=ml_collections.ConfigDict(dict(rank=0, alpha=config_dict.placeholder(float),
+                                          targets=("attn", "mlp"))),
       sample_prompts=(),  # text-to-image grids: one row per prompt
       log_every=50, checkpoint_every=10_000, keep_checkpoints=3,
       sample_every=10_000, sample_steps=50, sample_cfg_scale=3.0, sample_cfg_interval=(0.1, 1.0),
@@ -188,6 +194,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     errors.append("a text-to-image model needs a `text` section (pixeldit_jax.text.text_config_defaults())")
   if t.optimizer not in ("adamw", "came"):
     errors.append(f"train.optimizer must be 'adamw' or 'came', got {t.optimizer!r}")
+  lcfg = t.get("lora")
+  if lcfg is not None and lcfg.rank < 0:
+    errors.append(f"train.lora.rank must be >= 0, got {lcfg.rank}")
+  if lcfg is not None and lcfg.rank > 0:
+    from pixeldit_jax.model.lora import TARGETS  # noqa: PLC0415
+    unknown = [x for x in lcfg.targets if x not in TARGETS]
+    if unknown or not lcfg.targets:
+      errors.append(f"train.lora.targets {tuple(lcfg.targets)}: choose from {tuple(TARGETS)}")
+    if not t.get("init_from"):
+      errors.append("train.lora.rank > 0 adapts a trained or imported model: set "
+                    "--config.train.init_from=CHECKPOINT_DIR (the base weights, kept frozen)")
+    if lcfg.get("alpha") is not None and lcfg.alpha <= 0:
+      errors.append(f"train.lora.alpha must be positive, got {lcfg.alpha}")
   r = config.get("repa")
   if r is not None and r.weight > 0:
     from pixeldit_jax.train.repa import LOSS_FORMS  # noqa: PLC0415

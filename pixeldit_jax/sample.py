@@ -5,7 +5,10 @@
 
 `--workdir` reads `<workdir>/checkpoints` (a training run); `--checkpoint` any checkpoint
 directory written by training or by pixeldit_jax.tools.import_official. The model is rebuilt from
-the checkpoint's own record. Sampler settings come from `config.sample` (ImageNet protocol:
+the checkpoint's own record. A LoRA run's checkpoint (config.train.lora.rank > 0) is sampled as
+its recorded base plus its EMA adapters, folded into the base weights once at load; `--lora=DIR`
+applies the adapters of the LoRA checkpoint directory DIR (its newest step) to the model of
+`--checkpoint`/`--workdir` instead. Sampler settings come from `config.sample` (ImageNet protocol:
 `num_per_class` images per class, sample i has class i // num_per_class).
 
 Every sample has its own seed, noise_i = N(0, I) from fold_in(PRNGKey(sample.seed), i), so any
@@ -48,6 +51,8 @@ def _define_flags():
   flags.DEFINE_string("out", None, "Output directory (default: <workdir or checkpoint>/samples_step<N>_<settings>).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
   flags.DEFINE_string("prompts", None, "Text-to-image: a file of prompts (one per line, or a JSON list).")
+  flags.DEFINE_string("lora", None, "A LoRA run's checkpoint directory (or workdir): its EMA adapters "
+                      "are applied to the sampled model (default: only when the checkpoint is a LoRA run's).")
 
 
 def settings_tag(s) -> str:
@@ -111,9 +116,39 @@ def _record(step: int, settings: dict, **info) -> dict:
   return dict(info, step=int(step), settings_hash=_digest(settings)[:16], image_settings=settings)
 
 
-def _restore(config, checkpoint_dir: str, step):
+def lora_dir(path: str) -> str:
+  """A LoRA checkpoint directory from --lora: the directory itself, or <workdir>/checkpoints."""
+  path = fs.resolve(path)
+  sub = fs.join(path, "checkpoints")
+  return sub if fs.isdir(sub) else path
+
+
+def _lora_source(checkpoint_dir: str, step, lora):
+  """(base dir, base step, LoRA dir or None, LoRA step or None, the step that names the output)."""
+  if lora is None:
+    try:
+      record = ckpt_lib.lora_record(checkpoint_dir, step)
+    except ckpt_lib.CheckpointError:
+      record = None  # not readable here: the usual walk-back below reports it
+    if not record:
+      return checkpoint_dir, step, None, None, step
+    lstep, _ = ckpt_lib.read_meta(checkpoint_dir, step)
+    return record["base"], record["base_step"], checkpoint_dir, lstep, lstep
+  lstep, _ = ckpt_lib.read_meta(lora)
+  if not ckpt_lib.lora_record(lora, lstep):
+    raise ckpt_lib.CheckpointError(f"--lora={lora}: step {lstep} there is not a LoRA run's checkpoint")
+  return checkpoint_dir, step, lora, lstep, step
+
+
+def _restore(config, checkpoint_dir: str, step, lora=None):
   """(step, model config, graphdef, param shardings, mesh, rules, EMA params on the mesh): `step`,
-  or else the newest step whose EMA weights can be read."""
+  or else the newest step whose EMA weights can be read.
+
+  A LoRA run's checkpoint, or `lora` (a LoRA checkpoint directory applied to this checkpoint's
+  model), gives the base EMA weights with the EMA adapters folded in (model.lora.merge_params):
+  the same graph and parameter layout as the base, so sampling and editing cost nothing extra."""
+  base_dir, step, lora, lora_step, name_step = _lora_source(checkpoint_dir, step, lora)
+  checkpoint_dir = base_dir
   rules = tuple(tuple(r) for r in config.sharding.rules)
   built = {}
 
@@ -137,7 +172,20 @@ def _restore(config, checkpoint_dir: str, step):
   else:
     params = ckpt_lib.load_params(checkpoint_dir, target(step), ckpt_lib.EMA_PARAMS, step)
   logging.info("Sampling from checkpoint step %d of %s", step, checkpoint_dir)
-  return (int(step), *built[step], built["mesh"], rules, params)
+  if lora is not None:
+    from pixeldit_jax.model import lora as lora_lib  # noqa: PLC0415
+    _, adapters, record = ckpt_lib.load_adapters(lora, lora_step,
+                                                 sharding=sharding.replicated(built["mesh"]))
+    shardings = built[step][2]
+    with jax.set_mesh(built["mesh"]):
+      params = jax.jit(lambda p, a: lora_lib.merge_params(p, a, lora_lib.scale_of(record)),
+                       out_shardings=shardings)(params, adapters)
+    logging.info("With the LoRA adapters of step %d of %s (rank %d, %s) folded in", lora_step, lora,
+                 record["rank"], "+".join(record["targets"]))
+  entry = built[step]
+  if lora is not None and name_step is not None:
+    step = name_step  # a LoRA run's checkpoint names the output by its own step
+  return (int(step), *entry, built["mesh"], rules, params)
 
 
 def _global_batch(size: int, mesh) -> int:
@@ -174,7 +222,7 @@ def read_prompts(path: str) -> list[str]:
 
 
 def run_text(config, checkpoint_dir: str, out_dir, prompts: list[str], step=None, cond=None,
-             out_root=None) -> dict:
+             out_root=None, lora=None) -> dict:
   """Text-to-image sampling: `sample.num_per_prompt` images per prompt at config.image_size.
 
   Sample i is prompt i // num_per_prompt with noise from index i, so results do not depend on the
@@ -184,7 +232,7 @@ def run_text(config, checkpoint_dir: str, out_dir, prompts: list[str], step=None
   """
   from pixeldit_jax.train import conditioning as conditioning_lib  # noqa: PLC0415
   s = config.sample
-  step, model_cfg, graphdef, _, mesh, rules, params = _restore(config, checkpoint_dir, step)
+  step, model_cfg, graphdef, _, mesh, rules, params = _restore(config, checkpoint_dir, step, lora)
   if model_cfg.text_dim is None:
     raise ValueError(f"{checkpoint_dir} holds a class-conditional model; --prompts needs a text-to-image one")
   _, meta = ckpt_lib.read_meta(checkpoint_dir, step)
@@ -198,9 +246,10 @@ def run_text(config, checkpoint_dir: str, out_dir, prompts: list[str], step=None
   negative_prompt = s.get("negative_prompt") or ""
   text_cfg = config.get("text") or {}
   settings = image_settings(config, model_cfg, checkpoint_dir, prompts=prompts, num_per_prompt=per,
-                            negative_prompt=negative_prompt,
+                            negative_prompt=negative_prompt, **_lora_setting(lora),
                             **{f"text.{k}": text_cfg.get(k) for k in ("encoder", "path", "max_length", "dtype")})
-  out_dir = fs.resolve(out_dir or fs.join(out_root or checkpoint_dir, default_out_name(step, s, prompts)))
+  name = default_out_name(step, s, prompts) + ("_lora" if lora else "")
+  out_dir = fs.resolve(out_dir or fs.join(out_root or checkpoint_dir, name))
   record = _record(step, settings, checkpoint=fs.resolve(checkpoint_dir), image_size=[h, w],
                    total=total, prompts=prompts, **s.to_dict())
   cond = cond or conditioning_lib.TextConditioning(config)
@@ -233,20 +282,30 @@ def run_text(config, checkpoint_dir: str, out_dir, prompts: list[str], step=None
   return summary
 
 
-def run(config, checkpoint_dir: str, out_dir=None, step=None, out_root=None) -> dict:
+def _lora_setting(lora) -> dict:
+  """--lora in the image settings (a LoRA run's own checkpoint is already the checkpoint named)."""
+  if lora is None:
+    return {}
+  lstep, _ = ckpt_lib.read_meta(lora)
+  return {"lora": fs.resolve(lora), "lora_step": int(lstep)}
+
+
+def run(config, checkpoint_dir: str, out_dir=None, step=None, out_root=None, lora=None) -> dict:
   """Generate (or finish generating) the configured sample set. Returns a summary dict.
 
   `out_dir` defaults to a folder under `out_root` (default: the checkpoint directory) named by the
   checkpoint step and the settings; `step` to the newest step whose EMA weights can be read.
   """
   s = config.sample
-  step, model_cfg, graphdef, param_shardings, mesh, rules, params = _restore(config, checkpoint_dir, step)
+  step, model_cfg, graphdef, param_shardings, mesh, rules, params = _restore(config, checkpoint_dir, step, lora)
   if model_cfg.text_dim is not None:
     raise ValueError(f"{checkpoint_dir} holds a text-to-image model: give --prompts=FILE")
   h, w = config.image_size
   total = s.num_per_class * model_cfg.num_classes
-  settings = image_settings(config, model_cfg, checkpoint_dir, num_per_class=int(s.num_per_class))
-  out_dir = fs.resolve(out_dir or fs.join(out_root or checkpoint_dir, default_out_name(step, s)))
+  settings = image_settings(config, model_cfg, checkpoint_dir, num_per_class=int(s.num_per_class),
+                            **_lora_setting(lora))
+  name = default_out_name(step, s) + ("_lora" if lora else "")
+  out_dir = fs.resolve(out_dir or fs.join(out_root or checkpoint_dir, name))
   record = _record(step, settings, checkpoint=fs.resolve(checkpoint_dir), image_size=[h, w],
                    total=total, **s.to_dict())
   batch_sharding = sharding.batch_sharding(mesh, rules, 1)
@@ -424,14 +483,16 @@ def main(argv):
   if not fs.isdir(ckpt_dir):
     raise ckpt_lib.CheckpointError(f"No checkpoint directory at {ckpt_dir}")
   out_root = f.workdir or f.checkpoint  # the default out_dir is named by the step, known once restored
+  lora = lora_dir(f.lora) if f.lora else None
   from pixeldit_jax import logs  # noqa: PLC0415
   # Library INFO (Orbax, jax) goes to log.txt beside the samples (or in the workdir), as in training.
   logs.setup(f.out or out_root, process_index=jax.process_index)
   try:
     if f.prompts:
-      summary = run_text(config, ckpt_dir, f.out, read_prompts(f.prompts), f.step, out_root=out_root)
+      summary = run_text(config, ckpt_dir, f.out, read_prompts(f.prompts), f.step, out_root=out_root,
+                         lora=lora)
     else:
-      summary = run(config, ckpt_dir, f.out, f.step, out_root=out_root)
+      summary = run(config, ckpt_dir, f.out, f.step, out_root=out_root, lora=lora)
     logging.info("sampling: %s", summary)
     rate = f", {summary['images_per_s']:.2f} images/s" if summary["images_per_s"] else ""
     logs.console(f"{summary['total']} samples of checkpoint step {summary['step']} ({summary['generated']} "

@@ -62,9 +62,28 @@ def _torch_unfactored(path, param):
   return False if path and str(path[-1]) == "text_pos" else None
 
 
-def for_training(tcfg, model, projector=None) -> optax.GradientTransformation:
-  """The optimizer of the trainer's (params, projector) pair, from the abstract modules."""
+def _adapter_layer_axes(lora_model) -> dict:
+  """came's stacked_axes for the LoRA adapters: their count of leading 'layers' axes."""
+  from flax import nnx, traverse_util  # noqa: PLC0415
+  from pixeldit_jax.model import lora as lora_lib  # noqa: PLC0415
+
+  def count(names):
+    n = 0
+    while n < len(names) and names[n] == "layers":
+      n += 1
+    return n
+
+  return traverse_util.unflatten_dict({
+      tuple(p): count(v.get_metadata()["out_sharding"])
+      for p, v in nnx.to_flat_state(nnx.state(lora_model, lora_lib.LoRAParam))})
+
+
+def for_training(tcfg, model, projector=None, lora_model=None) -> optax.GradientTransformation:
+  """The optimizer of the trainer's (params, projector) pair, from the abstract modules; with
+  `lora_model` (the adapted model) of the (adapters, projector) pair: only the adapters are
+  trained, so the base weights get no optimizer state at all."""
   if tcfg.get("optimizer", "adamw") != "came":
     return make(tcfg)
-  return make(tcfg, stacked_axes=(came_lib.layer_axes(model), came_lib.layer_axes(projector)),
+  trained = came_lib.layer_axes(model) if lora_model is None else _adapter_layer_axes(lora_model)
+  return make(tcfg, stacked_axes=(trained, came_lib.layer_axes(projector)),
               factored=_torch_unfactored)

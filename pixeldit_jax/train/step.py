@@ -23,6 +23,7 @@ from flax import nnx
 from pixeldit_jax.diffusion import flow
 from pixeldit_jax.train import optimizer as optimizer_lib
 from pixeldit_jax.train import repa as repa_lib
+from pixeldit_jax.train import state as state_lib
 from pixeldit_jax.train.state import TrainState
 
 
@@ -65,6 +66,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
 
   `encode_text(params, ids, mask) -> (emb, mask)` is the frozen text encoder for batches that carry
   tokens. REPA is on when config.repa.weight > 0 (then `projector_graphdef` and `teacher` are set).
+
+  With LoRA (config.train.lora.rank > 0) `graphdef` is the adapted model's: the gradient is taken
+  with respect to the adapters (and projector) only, so the base weights pass through unchanged.
   """
   tcfg = config.train
   model_cfg = config.model
@@ -73,6 +77,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
   rcfg = config.get("repa")
   use_repa = bool(rcfg is not None and rcfg.weight > 0)
   lr_fn = optimizer_lib.learning_rate(tcfg)
+  use_lora = state_lib.lora_on(tcfg.get("lora"))
 
   def condition(batch: dict, frozen: dict):
     if not text_to_image:
@@ -96,8 +101,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
     target = repa_target(batch, frozen) if use_repa else None
 
     def loss_fn(trainable):
-      params, projector = trainable
-      model = nnx.merge(graphdef, params)
+      weights, projector = trainable
+      model = nnx.merge(graphdef, state.params, weights) if use_lora else nnx.merge(graphdef, weights)
       aux = {}
 
       def apply(xt, t, c):
@@ -120,7 +125,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
       repa_loss = repa_lib.loss(student, grid, target, teacher.grid, rcfg.loss_form)
       return flow_loss + rcfg.weight * repa_loss, (flow_loss, repa_loss)
 
-    trainable = (state.params, state.projector)
+    # The trained weights: the model's params, or with LoRA the adapters (the base is a constant).
+    old_weights, old_ema = ((state.lora["params"], state.lora["ema"]) if use_lora
+                            else (state.params, state.ema_params))
+    trainable = (old_weights, state.projector)
     (loss, (flow_loss, repa_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -133,14 +141,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
               & jnp.isfinite(optax.global_norm(projector)) & _all_finite(opt_state))
     decay = ema_decay(tcfg, state.step)
     ema = jax.tree.map(lambda e, q: decay * e + (1.0 - decay) * q.astype(jnp.float32),
-                       state.ema_params, params)
+                       old_ema, params)
     # One branch chosen for the whole tree: no elementwise select over every weight and moment.
     params, projector, ema, opt_state, param_norm = jax.lax.cond(
         finite, lambda: (params, projector, ema, opt_state, param_norm),
-        lambda: (state.params, state.projector, state.ema_params, state.opt_state,
-                 optax.global_norm(state.params)))
+        lambda: (old_weights, state.projector, old_ema, state.opt_state,
+                 optax.global_norm(old_weights)))
+    weights = (dict(params=state.params, ema_params=state.ema_params, lora={"params": params, "ema": ema})
+               if use_lora else dict(params=params, ema_params=ema))
     new_state = state.replace(
-        step=state.step + 1, params=params, projector=projector, ema_params=ema, opt_state=opt_state,
+        step=state.step + 1, projector=projector, opt_state=opt_state, **weights,
         # Steps are named by their count once done (state.step + 1), as metrics.jsonl names them.
         nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step + 1,
                                  state.nonfinite_step),

@@ -36,6 +36,7 @@ from pixeldit_jax import checkpoint as ckpt_lib
 from pixeldit_jax import cli, config_lib, data, distributed, fs, images, logs, sharding
 from pixeldit_jax import sample as sample_lib
 from pixeldit_jax.model import abstract as abstract_model
+from pixeldit_jax.model import lora as lora_lib
 from pixeldit_jax.model.cost import forward_flops
 from pixeldit_jax.train import metrics as metrics_lib
 from pixeldit_jax.train import optimizer as optimizer_lib
@@ -184,6 +185,33 @@ def _setup_inputs(config, model_cfg, mesh):
   return repa, cond, feature_table, pipeline
 
 
+def _lora_base(directory: str) -> dict:
+  """Where a LoRA run's frozen base comes from: the init_from checkpoint's latest step, its EMA
+  weights where it has them (what its sampler uses), else its online weights."""
+  if ckpt_lib.lora_record(directory):
+    raise ckpt_lib.CheckpointError(
+        f"config.train.init_from={directory} is itself a LoRA run; merge it first "
+        "(python -m pixeldit_jax.tools.merge_lora) and start from the merged checkpoint")
+  step, _ = ckpt_lib.read_meta(directory)
+  items = ckpt_lib.items(directory, step)
+  item = ckpt_lib.EMA_PARAMS if ckpt_lib.EMA_PARAMS in items else ckpt_lib.PARAMS
+  return dict(base=fs.resolve(directory), base_step=int(step), base_item=item)
+
+
+def _load_lora_base(state, base: dict, state_shardings):
+  """The frozen base weights of a LoRA run into state.params (fresh start and resume alike)."""
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        state.params, state_shardings.params)
+  try:
+    params = ckpt_lib.load_params(base["base"], target, base["base_item"], base["base_step"])
+  except ckpt_lib.CheckpointError as e:
+    raise ckpt_lib.CheckpointError(
+        f"The LoRA run's base weights ({base['base_item']} of step {base['base_step']} in "
+        f"{base['base']}) cannot be read: {e}") from e
+  logging.info("LoRA base weights from %s step %d (%s)", base["base"], base["base_step"], base["base_item"])
+  return state.replace(params=params)
+
+
 def _load_initial_weights(state, directory: str, state_shardings):
   """Start from another run's or an imported checkpoint's weights with a fresh optimizer (the
   official --load_from between T2I stages): the online weights (or EMA where there are none), and
@@ -217,7 +245,7 @@ def _interval_line(done: int, total: int, scalars: dict) -> str:
 
 
 def _report_start(config, model_cfg, params, mesh, workdir: str, start_step: int, end_step: int,
-                  writer) -> None:
+                  writer, adapters=None) -> None:
   """The parameter table to the log file; a few summary lines to the console; the config to
   TensorBoard (hparams and JSON text)."""
   logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(params, include_stats=False))
@@ -228,6 +256,11 @@ def _report_start(config, model_cfg, params, mesh, workdir: str, start_step: int
   logs.console("PixelDiT %.2f M parameters (hidden %d, %s, patch %d), %dx%dx%d images, %.3g GFLOPs "
                "per image", total / 1e6, model_cfg.hidden_size, blocks, model_cfg.patch_size, h, w,
                model_cfg.in_channels, gflops)
+  if adapters:
+    c = lora_lib.lora_config_of(config.train.lora)
+    n = lora_lib.count(adapters)
+    logs.console("LoRA rank %d (alpha %g) on %s: %d trainable parameters (%.3f%% of %.2f M; base frozen)",
+                 c["rank"], c["alpha"], "+".join(c["targets"]), n, 100 * n / total, total / 1e6)
   devices = jax.devices()
   logs.console("Mesh %s over %d %s device(s), %d process(es); global batch %d; steps %d -> %d of %d",
                " ".join(f"{k}={v}" for k, v in mesh.shape.items()), len(devices),
@@ -276,12 +309,17 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {batch_devices} "
                      "devices of the mesh's data and fsdp axes")
   model = abstract_model(model_cfg)
+  lcfg = tcfg.get("lora")
+  use_lora = state_lib.lora_on(lcfg)
+  # With LoRA the step runs the adapted model; grids and checkpoints keep the base layout.
+  lora_model = lora_lib.build_abstract(model_cfg, lcfg) if use_lora else None
   graphdef = nnx.graphdef(model)
+  step_graphdef = nnx.graphdef(lora_model) if use_lora else graphdef
   (abstract_projector, make_projector, teacher, frozen), cond, feature_table, pipeline = (
       _setup_inputs(config, model_cfg, mesh))
-  tx = optimizer_lib.for_training(tcfg, model, abstract_projector)
+  tx = optimizer_lib.for_training(tcfg, model, abstract_projector, lora_model)
   frozen.update(cond.frozen())
-  state_shardings = state_lib.shardings(model, tx, mesh, rules, abstract_projector)
+  state_shardings = state_lib.shardings(model, tx, mesh, rules, abstract_projector, lora_model)
   data_iter = iter(pipeline)
   checkpointer = ckpt_lib.TrainCheckpointer(fs.join(workdir, "checkpoints"),
                                             every=tcfg.checkpoint_every, keep=tcfg.keep_checkpoints)
@@ -289,25 +327,43 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
   meta = {"model": model_cfg.to_dict(), "config": json.loads(config.to_json_best_effort()),
           "time_convention": "t2i_sigma" if cond.text else "c2i_t", "data": data_record}
 
+  lora_settings = lora_lib.lora_config_of(lcfg) if use_lora else None
   with jax.set_mesh(mesh):
-    target = state_lib.abstract_state(model_cfg, tx, config.seed, state_shardings, make_projector)
+    target = state_lib.abstract_state(model_cfg, tx, config.seed, state_shardings, make_projector,
+                                      lcfg if use_lora else None)
     state = checkpointer.restore_latest(target, data_iter,
                                         restart_if_unreadable=tcfg.get("restart_if_unreadable", False),
                                         data_record=data_record,
-                                        allow_data_change=tcfg.get("allow_data_change", False))
+                                        allow_data_change=tcfg.get("allow_data_change", False),
+                                        lora_record=lora_settings)
     if state is None:
-      state = jax.jit(lambda: state_lib.init(model_cfg, tx, config.seed, make_projector),
+      state = jax.jit(lambda: state_lib.init(model_cfg, tx, config.seed, make_projector,
+                                             lcfg if use_lora else None),
                       out_shardings=state_shardings)()
-      if tcfg.get("init_from"):
+      if use_lora:
+        base = _lora_base(tcfg.init_from)
+        state = _load_lora_base(state, base, state_shardings)
+      elif tcfg.get("init_from"):
         state = _load_initial_weights(state, tcfg.init_from, state_shardings)
       logging.info("Starting from scratch in %s", workdir)
     else:
+      if use_lora:  # the base the run started from, as its checkpoint records it
+        recorded = ckpt_lib.lora_record(checkpointer.directory, checkpointer.manager.latest_step())
+        base = {k: recorded[k] for k in ("base", "base_step", "base_item")}
+        state = _load_lora_base(state, base, state_shardings)
       logging.info("Resumed from step %d in %s", int(state.step), workdir)
+    if use_lora:
+      meta["lora"] = {**lora_settings, **base}
+      merge_adapters = jax.jit(lambda p, a: lora_lib.merge_params(p, a, lora_lib.scale_of(lcfg)),
+                               out_shardings=state_shardings.params)
+      grid_weights = lambda st: merge_adapters(st.params, st.lora["ema"])  # EMA adapters, merged
+    else:
+      grid_weights = lambda st: st.ema_params
 
     frozen = jax.device_put(frozen, sharding.replicated(mesh))
     batch_sharding = lambda a: sharding.batch_sharding(mesh, rules, np.ndim(a))
     train_step = jax.jit(
-        step_lib.make_train_step(graphdef, tx, config, teacher=teacher,
+        step_lib.make_train_step(step_graphdef, tx, config, teacher=teacher,
                                  projector_graphdef=nnx.graphdef(abstract_projector) if teacher else None,
                                  encode_text=cond.encode_tokens() if cond.text else None),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -320,11 +376,11 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
     image_shape = (*config.image_size, model_cfg.in_channels)
     if cond.text:
       sample_fn = jax.jit(sample_lib.make_text_sample_batch(graphdef, grid_settings, image_shape),
-                          in_shardings=(state_shardings.ema_params, None, None, None))
+                          in_shardings=(state_shardings.params, None, None, None))
     else:
       sample_fn = jax.jit(sample_lib.make_sample_batch(graphdef, grid_settings, image_shape,
                                                        model_cfg.num_classes),
-                          in_shardings=(state_shardings.ema_params, None, None))
+                          in_shardings=(state_shardings.params, None, None))
     sample_fn = distributed.Synced(sample_fn, "sample_grid")
     h, w = config.image_size
     step_flops = 3 * config.batch_size * forward_flops(model_cfg, h, w)["total"]
@@ -333,7 +389,8 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
     end_step = tcfg.num_steps if max_steps is None else min(tcfg.num_steps, start_step + max_steps)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, backend=tcfg.get("metric_writer", "auto"))
     if is_main:
-      _report_start(config, model_cfg, target.params, mesh, workdir, start_step, end_step, writer)
+      _report_start(config, model_cfg, target.params, mesh, workdir, start_step, end_step, writer,
+                    adapters=target.lora.get("params") if use_lora else None)
     pcfg = tcfg.get("profile") or {}
     profiler = profiling.StepProfiler(workdir, pcfg.get("start_step", 0), pcfg.get("num_steps", 0),
                                       start_step, enabled=is_main)
@@ -427,7 +484,7 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
             stop(lost)
         if tcfg.sample_every and done % tcfg.sample_every == 0 and done != tcfg.num_steps:
           t0 = time.perf_counter()
-          last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, done, workdir, writer, cond)
+          last_sample = _sample_grid(sample_fn, grid_weights(state), config, mesh, rules, done, workdir, writer, cond)
           t_log += time.perf_counter() - t0  # not part of the interval's throughput
           bar.unpause()
           if is_main:
@@ -446,7 +503,7 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
         rows = cond.num_classes if not cond.text else len(conditioning_lib.sample_prompts(config))
         logs.console("Sampling the final %dx%d grid (%d steps)...", min(rows, tcfg.sample_rows),
                      tcfg.sample_per_row, tcfg.sample_steps)
-      last_sample = _sample_grid(sample_fn, state.ema_params, config, mesh, rules, final_step, workdir, writer, cond)
+      last_sample = _sample_grid(sample_fn, grid_weights(state), config, mesh, rules, final_step, workdir, writer, cond)
     with logs.after(5.0, "Waiting for the last checkpoint to be written..."):
       checkpointer.wait()
     checkpointer.close()
