@@ -717,11 +717,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       best = fitting[0]
       print(f"best that fits: --config.sharding.mesh_shape={tuple(best['mesh'].values())} "
             f"--config.model.remat_policy={best['remat_policy']} ({best['train']['peak_gib']:.2f} GiB "
-            f"per chip, ~{best['ranked_step_s']:.3f} s per step at {100 * args.mfu:.0f}% MFU with "
-            "the remat recompute)")
+            f"per chip, ~{_seconds(best['ranked_step_s'])} per step at {100 * args.mfu:.0f}% MFU "
+            "with the remat recompute)")
       for r in fitting[1:]:
         print(f"  also fits: mesh {tuple(r['mesh'].values())} remat {r['remat_policy']} "
-              f"({r['train']['peak_gib']:.2f} GiB, ~{r['ranked_step_s']:.3f} s)")
+              f"({r['train']['peak_gib']:.2f} GiB, ~{_seconds(r['ranked_step_s'])})")
     else:
       print("nothing tried fits: a larger slice, a smaller batch, or more candidates (--sweep_limit)")
     result: Any = reports

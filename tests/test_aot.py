@@ -49,6 +49,15 @@ def test_topology_names():
       aot.parse_topology(bad)
 
 
+def test_sweep_tries_the_fastest_candidates_first():
+  cfg = config_lib.load("configs/imagenet256_xl.py")
+  cands = aot.sweep_candidates(cfg, 16)
+  assert cands[0] == ((1, 16, 1), "none")  # no recompute, no tensor parallelism, most FSDP
+  assert [p for _, p in cands[:5]] == ["none"] * 5 and cands[-1][1] == "full"
+  assert all(16 % (d * f * t) == 0 and d * f * t == 16 and 16 % t == 0 for (d, f, t), _ in cands)
+  assert {t for (_, _, t), _ in cands} == {1, 2, 4}  # 16 heads: tensor splits up to 4
+
+
 def test_out_of_memory_message_parsed():
   need, have = aot._exhausted_bytes("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of "
                                     "memory in memory space hbm. HLO temporaries (162.70G) exceeds "
