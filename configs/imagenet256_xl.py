@@ -8,8 +8,10 @@ facebook/dinov2-base model.safetensors, or torch hub dinov2_vitb14_pretrain.pth)
       --workdir=gs://BUCKET/pixeldit_xl256
 Variants: `:size=B`, `:size=L` (PixelDiT-B/16 184.75 M params, -L/16 569.65 M, -XL/16 797.38 M;
 the B and L recipes are the XL one, which the paper does not confirm, spec §12.8).
-Memory: full remat by default, which fits both (AOT-compiled for v5p-32: 7.4 GiB per chip);
-`--config.model.remat_policy=dots` is faster and fits v5p-32 (~75 GiB per chip) but not 80 GB GPUs.
+Memory: full remat by default; compiled ahead of time for v5p-32 (python -m pixeldit_jax.aot) the
+step needs 7.4 GiB per chip, 163 GiB without remat. `--config.model.remat_policy=dots` recomputes
+less and needs 75.7 GiB per chip on v5p-32; a GPU holds twice that batch per device (32 images),
+so keep full remat on 80 GB GPUs.
 Recipe (spec §4.2, §4.3): batch 256, AdamW 1e-4, clip 1.0, 1.6 M steps (320 epochs), LR 1e-5 and
 clip 0.5 after 160 epochs, EMA 0.9999, logit-normal t with shift 1.0, 10% label dropout, bf16;
 REPA weight 0.5 on the output of patch block 8 through a D-D-D-768 projector, DINOv2 at 224x224.
