@@ -8,7 +8,8 @@ or dinov2_vitb14_pretrain.pth):
       --workdir=gs://BUCKET/pixeldit_xl512
 Memory: full remat by default; compiled ahead of time (python -m pixeldit_jax.aot) the step needs
 35 GiB per chip on v5p-64. Variants `:size=B`, `:size=L`. Same 797.38 M parameters as at 256
-(nothing in the model depends on the resolution). Recipe (spec §4.3; the released 512 config): batch 256, AdamW 1e-4, clip 0.5,
+(nothing in the model depends on the resolution).
+Recipe (spec §4.3; the released 512 config): batch 256, AdamW 1e-4, clip 0.5,
 training time shift 3.0, EMA 0.9999, up to 4 M steps (the released model trained 850 epochs);
 REPA 0.5 at patch block 8 with DINOv2 at 448x448 (a 32x32 grid, the patch grid's size).
 Paper result (100-step sampler, CFG 3.5, time shift 2.0): FID 1.81.
