@@ -25,7 +25,8 @@ pixeldit_jax.aot), stage 1 needs 536 GiB per chip today, not 95: the model sets 
 sharding constraints and XLA replicates the batch; with the batch pinned at the block stacks
 (a model change still to make) it needs 15 GiB. See bench/results/aot_tpu.md.
 Data: webdataset tar shards of image + caption (`NNNN.tar` with key.jpg + key.txt/json) in SHARDS;
-Gemma: a local copy of Efficient-Large-Model/gemma-2-2b-it (config.json, tokenizer.json, *.safetensors) in GEMMA_DIR.
+Gemma: a local copy of Efficient-Large-Model/gemma-2-2b-it (config.json, tokenizer.json,
+*.safetensors) in GEMMA_DIR.
 Paper results: GenEval 0.74 and DPG-Bench 83.5 at 1024 (0.78 / 83.7 at 512).
 """
 
