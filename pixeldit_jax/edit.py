@@ -6,9 +6,9 @@
   python -m pixeldit_jax.edit --config=configs/fashion_mnist.py --workdir=workdir/demo \\
       --image=in.png --mask=mask.png --target=7 --method=inpaint --out=edits/2
 
-The model (EMA weights, the newest readable step unless --step) and the sampler settings come from
-the checkpoint and `config.sample`, as for `pixeldit_jax.sample`; --steps overrides the number of
-steps. `--source`/`--target` are prompts for a text-to-image model and class indices for a
+The model (EMA weights, the newest readable step unless --step; a LoRA run's adapters folded in,
+or those of --lora=DIR) and the sampler settings come from the checkpoint and `config.sample`, as
+for `pixeldit_jax.sample`; --steps overrides the number of steps. `--source`/`--target` are prompts for a text-to-image model and class indices for a
 class-conditional one. Methods (``diffusion/editing.py``):
 
   flowedit  the source condition -> the target condition, inversion-free; --strength sets
@@ -55,6 +55,8 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "Training workdir: restores <workdir>/checkpoints.")
   flags.DEFINE_string("checkpoint", None, "A checkpoint directory (training or imported).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
+  flags.DEFINE_string("lora", None, "A LoRA run's checkpoint directory (or workdir) whose EMA adapters "
+                      "are folded into the model (a LoRA run's own --checkpoint needs no --lora).")
   flags.DEFINE_string("image", None, "The image to edit (PNG/JPEG, local or gs://).")
   flags.DEFINE_string("mask", None, "inpaint: a mask image, white = regenerate, black = keep.")
   flags.DEFINE_string("source", None, "The source prompt (text-to-image) or class index.")
@@ -126,6 +128,7 @@ def _load_config(config):
 
 def edit(config, *, image, target, method: str = "flowedit", source=None, mask=None,
          checkpoint: Optional[str] = None, workdir: Optional[str] = None, step: Optional[int] = None,
+         lora: Optional[str] = None,
          strength: Optional[float] = None, steps: Optional[int] = None, seed: int = 0,
          out: Optional[str] = None, resize: Optional[str] = None, n_max: Optional[int] = None,
          n_min: int = 0, n_avg: int = 1, source_cfg: Optional[float] = None,
@@ -176,7 +179,9 @@ def edit(config, *, image, target, method: str = "flowedit", source=None, mask=N
     if n_avg < 1:
       raise UserError(f"--n_avg={n_avg}: must be >= 1")
 
-  step, model_cfg, graphdef, _, mesh, _, params = sample_lib._restore(config, ckpt_dir, step)  # noqa: SLF001
+  # The sampler's restore: EMA weights on this host's mesh, a LoRA run's adapters folded in.
+  lora_path = sample_lib.lora_dir(lora) if lora else None
+  step, model_cfg, graphdef, _, mesh, _, params = sample_lib._restore(config, ckpt_dir, step, lora_path)  # noqa: SLF001
   _, meta = ckpt_lib.read_meta(ckpt_dir, step)
   text = model_cfg.text_dim is not None
   convention = meta.get("time_convention", editing.T2I if text else editing.C2I)
@@ -225,7 +230,7 @@ def edit(config, *, image, target, method: str = "flowedit", source=None, mask=N
   if mask_u8 is not None:  # exactly the input outside the mask, whatever the float path did
     edited = np.where(mask_u8 > 127, edited, src_u8)
 
-  settings = dict(method=method, checkpoint=ckpt_dir, step=int(step), time_convention=convention,
+  settings = dict(method=method, checkpoint=ckpt_dir, step=int(step), lora=lora_path, time_convention=convention,
                   image=image_path, mask=mask_path, resize=resize, image_size=[int(h), int(w)],
                   source=source_v, target=target_v, sampler=s.sampler, steps=num_steps,
                   time_shift=float(s.time_shift), cfg_interval=[float(v) for v in s.cfg_interval],
@@ -274,7 +279,7 @@ def main(argv):
   logs.setup(f.out, process_index=jax.process_index)
   try:
     r = edit(f.config, image=f.image, mask=f.mask, source=f.source, target=f.target, method=f.method,
-             checkpoint=f.checkpoint, workdir=f.workdir, step=f.step, strength=f.strength,
+             checkpoint=f.checkpoint, workdir=f.workdir, step=f.step, lora=f.lora, strength=f.strength,
              steps=f.steps, seed=f.seed, out=f.out, resize=f.resize, n_max=f.n_max, n_min=f.n_min,
              n_avg=f.n_avg, source_cfg=f.source_cfg, target_cfg=f.target_cfg)
     logging.info("edit: %s", r["settings"])
