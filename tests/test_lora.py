@@ -171,3 +171,17 @@ def test_lora_run_checkpoint_resume_sample_and_merge(runs, tmp_path, caplog):
   # The merged kernels moved off the base's (4 tiny steps barely move the pictures themselves).
   k = lambda d: ckpt_lib.load_model(d)[0].patch_blocks.attn.qkv.kernel[...]
   assert max_abs(k(str(tmp_path / "merged")), k(str(root / "base" / "checkpoints"))) > 0
+
+
+def test_came_optimizer_sees_the_adapters_stacked_layers_axis():
+  from pixeldit_jax.train import optimizer as optimizer_lib
+  from pixeldit_jax.model import abstract
+  cfg = PixelDiTConfig(**TINY)
+  config = _config(optimizer="came")
+  lora_model = lora.build_abstract(cfg, dict(rank=2, targets=("attn",)))
+  tx = optimizer_lib.for_training(config.train, abstract(cfg), None, lora_model)
+  ad = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), lora.adapters(lora_model))
+  opt = tx.init((ad, {}))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, (ad, {})), opt, (ad, {}))
+  assert jax.tree.structure(updates[0]) == jax.tree.structure(ad)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
