@@ -129,15 +129,16 @@ per chip on v5p-32 (without remat 163 GiB, over v5p's 95; with `dots` 75.7 GiB, 
 recomputes less), XL/512 35 GiB on v5p-64. The text-to-image recipe does not fit as the code
 stands: stage 1 needs 536 GiB per chip on v5p-128 and 535 GiB on v5p-256, the same on twice the
 chips, because the whole batch lands on every chip. The model sets no activation sharding
-constraints, and XLA's propagation replicates the batch (the text tokens are added to a position
-table sharded over `embed`). Pinning the batch dimension where the two block stacks start
+constraints, and XLA's propagation replicates the batch (probably from where the text tokens meet
+their position table, which is sharded over `embed`). Pinning the batch dimension where the two block stacks start
 (`sharding.constrain_batch`, a model change still to make) brings stage 1 on v5p-128 to 15.1 GiB
-per chip in a probe compile. Stage 3 at 1024 needs more than XLA reports (it prints 4.00T). The
-same propagation costs the ImageNet models too: XL/512 needs 34.8 GiB per chip on v5p-128 with 4
-images per chip, hardly less than 35.3 GiB on v5p-64 with 8. The train step's HLO of a small
-model (`--hlo`, tests/test_aot.py) suggests why: besides the FSDP parameter gathers, XLA
-all-gathers activations of the whole batch onto every chip, among them the pixel-level modulation
-(batch, patches, 16 x 16 x 6 x 16), which at XL/512 would be 12.9 GB in bf16.
+per chip and stage 3 at 1024 to 56.4 GiB in probe compiles (without it XLA stops counting at
+4.00T). The ImageNet models scale oddly too: XL/512 needs 34.8 GiB per chip on v5p-128 with 4
+images per chip, hardly less than 35.3 GiB on v5p-64 with 8. Its step's HLO on v5p-128 (`--hlo`)
+has no all-gather at all (41 all-reduces, 17 all-to-alls, 72 collective-permutes), so XLA moves
+the FSDP weights and activations its own way there; which tensor keeps the memory from shrinking
+is not pinned down yet. On a small model (tests/test_aot.py) some all-gathers carry whole-batch
+activations, another sign that the model needs activation sharding constraints.
 """
 
 

@@ -484,7 +484,7 @@ def param_sizes(config) -> set:
   from pixeldit_jax.model import abstract as abstract_model  # noqa: PLC0415
   out = set()
   for _, var in nnx.to_flat_state(nnx.state(abstract_model(config_lib.model_config(config)), nnx.Param)):
-    shape = var.value.shape
+    shape = var.get_value().shape
     out.add(math.prod(shape))
     names = var.get_metadata().get("out_sharding") or ()
     if names and names[0] == "layers":
