@@ -243,6 +243,7 @@ class Built:
   fn: Any
   args: tuple
   mesh: Any
+  rules: tuple
   notes: list
 
 
@@ -319,7 +320,7 @@ def build_train_step(config, mesh) -> Built:
                                projector_graphdef=nnx.graphdef(abstract_projector) if teacher else None,
                                encode_text=encode_text),
       out_shardings=(state_shardings, repl), donate_argnums=(0,))
-  return Built(fn, (state, batch, frozen), mesh, notes)
+  return Built(fn, (state, batch, frozen), mesh, rules, notes)
 
 
 def build_sample_step(config, mesh) -> Built:
@@ -352,7 +353,7 @@ def build_sample_step(config, mesh) -> Built:
   else:
     fn = jax.jit(sample_lib.make_sample_batch(graphdef, s, shape, model_cfg.num_classes))
     args = (params, idx, _sds((b,), jnp.int32, batch_sh(1)))
-  return Built(fn, args, mesh, [f"sampler {s.sampler} {s.num_steps} steps, batch {b}"])
+  return Built(fn, args, mesh, rules, [f"sampler {s.sampler} {s.num_steps} steps, batch {b}"])
 
 
 _EXHAUSTED = re.compile(r"([\d.]+)\s*([KMGT]?)i?B?\)?\s+exceeds\s+(?:the\s+)?available\s+HBM\s+\(([\d.]+)\s*([KMGT]?)",
@@ -371,9 +372,9 @@ def _exhausted_bytes(text: str) -> Optional[tuple]:
 
 def compile_built(built: Built) -> dict:
   """Lower and compile; per-chip memory from XLA, or what the compiler refused."""
-  import jax  # noqa: PLC0415
+  from pixeldit_jax import sharding  # noqa: PLC0415
   t0 = time.perf_counter()
-  with jax.set_mesh(built.mesh):
+  with sharding.use(built.mesh, built.rules):
     lowered = built.fn.lower(*built.args)
     try:
       compiled = lowered.compile()

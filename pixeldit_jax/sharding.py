@@ -9,6 +9,7 @@ the batch over ``(data, fsdp)``. A dimension that the mesh axes do not divide is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Mapping, Optional, Sequence
@@ -16,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import numpy as np
 from flax import nnx, traverse_util
+from flax.core import spmd as core_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -146,21 +148,34 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
 
-def constrain_batch(tree, rules=DEFAULT_RULES):
-  """Pin the leading (batch) dimension of every array in `tree` to the rules' batch axes of the
-  current mesh (``jax.set_mesh``), the rest unsharded; unchanged without a mesh. Without such a
-  constraint GSPMD may replicate activations over the batch axes: the T2I model's text tokens
-  (added to a position table sharded over 'embed') take the whole batch onto every chip, which
-  the AOT check shows as 536 GiB per chip for stage 1 on v5p-128 instead of 15 GiB."""
+@contextlib.contextmanager
+def use(mesh: Mesh, rules):
+  """Trace and run under `mesh` with these logical-axis rules: jax.set_mesh plus the rules that
+  constrain_batch reads (flax's logical-axis-rules context)."""
+  with jax.set_mesh(mesh), core_spmd.logical_axis_rules(tuple(rules)):
+    yield
+
+
+def constrain_batch(tree):
+  """Pin the leading (batch) dimension of every array in `tree` to the batch axes of the current
+  mesh and rules (``use``; DEFAULT_RULES when none are set), the rest unsharded; unchanged without
+  a mesh. Without such a constraint GSPMD may replicate activations over the batch axes: the T2I
+  model's text tokens (added to a position table sharded over 'embed') take the whole batch onto
+  every chip, which the AOT check shows as 536 GiB per chip for stage 1 on v5p-128 instead of 15.
+  The models call it where their block stacks start."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return tree
-  axes = dict(rules).get(BATCH)
+  axes = dict(core_spmd.get_logical_axis_rules() or DEFAULT_RULES).get(BATCH)
   axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape.get(a, 1) > 1)
   if not axes:
     return tree
   lead = axes[0] if len(axes) == 1 else axes
-  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, P(lead, *([None] * (a.ndim - 1)))), tree)
+  size = math.prod(mesh.shape[a] for a in axes)
+
+  def pin(a):  # a batch the axes do not divide (one image to edit, say) is left to GSPMD
+    return a if a.shape[0] % size else jax.lax.with_sharding_constraint(a, P(lead, *([None] * (a.ndim - 1))))
+  return jax.tree.map(pin, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixeldit_jax import sharding
 from pixeldit_jax.model import layers
 from pixeldit_jax.model.config import PixelDiTConfig
 from pixeldit_jax.model.patch_level import PatchBlock, PatchEmbedder, PatchOutputHead
@@ -60,7 +61,9 @@ class PixelDiT(nnx.Module):
 
     rope = tuple(jnp.asarray(a) for a in layers.rope_2d_table(
         cfg.head_dim, h // p, w // p, theta=cfg.rope_theta, scale=cfg.rope_scale))
-    s = layers.scan_blocks(self.patch_blocks, self.patch_embed(x), cond, rope,
+    # Activations keep the batch split where the block stacks start (sharding.constrain_batch).
+    tokens, cond = sharding.constrain_batch((self.patch_embed(x), cond))
+    s = layers.scan_blocks(self.patch_blocks, tokens, cond, rope,
                            remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers,
                            capture=capture_block)
     if capture_block is not None:
@@ -72,7 +75,8 @@ class PixelDiT(nnx.Module):
       # Semantic condition for the pixel level: the timestep is added again, the class is not.
       s_cond = nnx.silu(s + t_emb)
       pit_rope = tuple(jnp.asarray(a) for a in PiTBlock.rope_tables(cfg, h, w))
-      pixels = layers.scan_blocks(self.pixel_blocks, self.pixel_embed(x), s_cond, pit_rope,
+      pixels, s_cond = sharding.constrain_batch((self.pixel_embed(x), s_cond))
+      pixels = layers.scan_blocks(self.pixel_blocks, pixels, s_cond, pit_rope,
                                   remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers)
       out = self.out_head(pixels)
     out = ungroup_pixels(out, h, w).astype(jnp.float32)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixeldit_jax import sharding
 from pixeldit_jax.model import layers
 from pixeldit_jax.model.config import PixelDiTConfig
 from pixeldit_jax.model.patch_level import MMDiTBlock, PatchEmbedder
@@ -92,7 +93,10 @@ class PixelDiTT2I(nnx.Module):
     rope_img = tuple(jnp.asarray(a) for a in layers.rope_2d_table(
         cfg.head_dim, h // p, w // p, theta=cfg.rope_theta, scale=cfg.rope_scale))
     rope_txt = tuple(jnp.asarray(a) for a in layers.rope_1d_table(cfg.head_dim, n_txt, theta=cfg.rope_theta))
-    streams = layers.scan_blocks(self.patch_blocks, (self.patch_embed(x), txt), cond, rope_img, rope_txt,
+    # Activations keep the batch split where the block stacks start: without it GSPMD replicates
+    # the batch (from the text position table, sharded over 'embed'); see sharding.constrain_batch.
+    img, txt, cond = sharding.constrain_batch((self.patch_embed(x), txt, cond))
+    streams = layers.scan_blocks(self.patch_blocks, (img, txt), cond, rope_img, rope_txt,
                                  remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers,
                                  capture=capture_block)
     if capture_block is not None:
@@ -102,7 +106,8 @@ class PixelDiTT2I(nnx.Module):
     # Semantic condition for the pixel level, as in the class-conditional model.
     s_cond = nnx.silu(s + t_emb)
     pit_rope = tuple(jnp.asarray(a) for a in PiTBlock.rope_tables(cfg, h, w))
-    pixels = layers.scan_blocks(self.pixel_blocks, self.pixel_embed(x), s_cond, pit_rope,
+    pixels, s_cond = sharding.constrain_batch((self.pixel_embed(x), s_cond))
+    pixels = layers.scan_blocks(self.pixel_blocks, pixels, s_cond, pit_rope,
                                 remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers)
     out = ungroup_pixels(self.out_head(pixels), h, w).astype(jnp.float32)
     return out if capture_block is None else (out, features)
