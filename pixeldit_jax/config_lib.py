@@ -140,6 +140,8 @@ def sharding_defaults() -> ml_collections.ConfigDict:
   from pixeldit_jax import sharding  # noqa: PLC0415 - keeps config files light to import
   return ml_collections.ConfigDict(dict(
       mesh_shape=(1, -1, 1),  # (data, fsdp, tensor); -1 takes the remaining devices: FSDP
+      # Multi-slice TPU jobs: slices per axis over DCN, e.g. (2, 1, 1); mesh_shape is then per slice.
+      dcn_mesh_shape=(1, 1, 1),
       rules=sharding.DEFAULT_RULES))
 
 

@@ -159,7 +159,7 @@ def _restore(config, checkpoint_dir: str, step, lora=None):
     # The mesh (which starts the backends) only once the checkpoint is found: a missing one is
     # then reported before any backend logging.
     if "mesh" not in built:
-      built["mesh"] = sharding.make_mesh(config.sharding.mesh_shape)
+      built["mesh"] = sharding.mesh_from_config(config.sharding)
     mesh = built["mesh"]
     model = abstract_model(cfg)
     shardings = sharding.named(mesh, sharding.param_specs(model, mesh, rules))
@@ -177,7 +177,7 @@ def _restore(config, checkpoint_dir: str, step, lora=None):
     _, adapters, record = ckpt_lib.load_adapters(lora, lora_step,
                                                  sharding=sharding.replicated(built["mesh"]))
     shardings = built[step][2]
-    with jax.set_mesh(built["mesh"]):
+    with sharding.use(built["mesh"], rules):
       params = jax.jit(lambda p, a: lora_lib.merge_params(p, a, lora_lib.scale_of(record)),
                        out_shardings=shardings)(params, adapters)
     logging.info("With the LoRA adapters of step %d of %s (rank %d, %s) folded in", lora_step, lora,
@@ -264,7 +264,7 @@ def run_text(config, checkpoint_dir: str, out_dir, prompts: list[str], step=None
     out = fn(params, put(idx), put(text[which]), put(np.repeat(negative, len(idx), 0)))
     return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
-  with jax.set_mesh(mesh):
+  with sharding.use(mesh, rules):
     x, generated, seconds = _sample_parts(out_dir, record, total, _global_batch(min(s.batch_size, total), mesh),
                                           make_images, (h, w, model_cfg.in_channels))
   summary = dict(total=total, generated=generated, seconds=seconds, step=step, out_dir=out_dir,
@@ -319,7 +319,7 @@ def run(config, checkpoint_dir: str, out_dir=None, step=None, out_root=None, lor
     labels = np.minimum(idx // s.num_per_class, model_cfg.num_classes - 1).astype(np.int32)
     return np.asarray(multihost_utils.process_allgather(fn(params, put(idx), put(labels)), tiled=True))
 
-  with jax.set_mesh(mesh):
+  with sharding.use(mesh, rules):
     x, generated, seconds = _sample_parts(out_dir, record, total, _global_batch(min(s.batch_size, total), mesh),
                                           make_images, (h, w, model_cfg.in_channels))
   summary = dict(total=total, generated=generated, seconds=seconds, step=step, out_dir=out_dir,

@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis rules and multi-process start-up.
+"""Device meshes and logical-axis rules (multi-process start-up is in pixeldit_jax.distributed).
 
 Parameters carry logical axis names (see pixeldit_jax.model.layers); this module is the only one
 that maps them onto mesh axes. The mesh has the axes (data, fsdp, tensor); the rules table lives
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -186,28 +185,3 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict:
   """This process's slice of the batch -> global jax.Arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
           for k, v in local.items()}
-
-
-# Explicit coordinates, set by launch/gpu_multinode.sh, launch/slurm_gpu.sbatch and
-# launch/gke_xpk.sh (GPU): then JAX's own cluster detection is switched off, because under SLURM
-# it would give each of our one-per-node processes a single GPU.
-_COORDINATOR_ENV = ("PIXELDIT_COORDINATOR", "PIXELDIT_NUM_PROCESSES", "PIXELDIT_PROCESS_ID")
-# PIXELDIT_DISTRIBUTED=1 asks for a bare jax.distributed.initialize(), which finds its peers on
-# multi-host Cloud TPU VMs (launch/tpu_vm.sh sets it) and under GKE/JobSet by itself.
-_AUTO_ENV = "PIXELDIT_DISTRIBUTED"
-
-
-def maybe_initialize_distributed() -> bool:
-  """Call jax.distributed.initialize() when this process is one of several. True if it did."""
-  coordinator, num, pid = (os.environ.get(k) for k in _COORDINATOR_ENV)
-  if coordinator:
-    if num is None or pid is None:
-      raise ValueError("PIXELDIT_COORDINATOR is set: PIXELDIT_NUM_PROCESSES and "
-                       "PIXELDIT_PROCESS_ID must be set too")
-    jax.distributed.initialize(coordinator, num_processes=int(num), process_id=int(pid),
-                               cluster_detection_method="deactivate")
-    return True
-  if os.environ.get(_AUTO_ENV, "0") not in ("", "0"):
-    jax.distributed.initialize()
-    return True
-  return False

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pixeldit_jax import config_lib, sharding
+from pixeldit_jax import config_lib
 from pixeldit_jax.main import check_model
 
 CONFIGS = ["configs/fashion_mnist.py", "configs/imagenet256_xl.py", "configs/imagenet512_xl.py",
@@ -52,24 +52,6 @@ def test_model_check_runs_forward_and_backward_and_writes_a_report(tmp_path):
   assert saved["params"] == report["params"] > 1e6
   t2i = check_model(config_lib.load("configs/t2i_1024.py:smoke"), str(tmp_path / "t2i"))  # text embeddings
   assert t2i["loss"] > 0 and t2i["grad_norm"] > 0
-
-
-def test_distributed_initialisation_from_environment(monkeypatch):
-  calls = []
-  monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-  for k in ("PIXELDIT_COORDINATOR", "PIXELDIT_NUM_PROCESSES", "PIXELDIT_PROCESS_ID", "PIXELDIT_DISTRIBUTED"):
-    monkeypatch.delenv(k, raising=False)
-  assert sharding.maybe_initialize_distributed() is False and not calls
-  monkeypatch.setenv("PIXELDIT_DISTRIBUTED", "1")
-  assert sharding.maybe_initialize_distributed() is True and calls[-1] == ((), {})
-  monkeypatch.setenv("PIXELDIT_COORDINATOR", "10.0.0.1:1234")
-  with pytest.raises(ValueError, match="PIXELDIT_NUM_PROCESSES"):
-    sharding.maybe_initialize_distributed()
-  monkeypatch.setenv("PIXELDIT_NUM_PROCESSES", "4")
-  monkeypatch.setenv("PIXELDIT_PROCESS_ID", "2")
-  assert sharding.maybe_initialize_distributed() is True
-  assert calls[-1] == (("10.0.0.1:1234",), dict(num_processes=4, process_id=2,
-                                                  cluster_detection_method="deactivate"))
 
 
 def test_experiment_config_validation():

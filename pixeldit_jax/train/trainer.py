@@ -302,7 +302,7 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
 
-  mesh = sharding.make_mesh(config.sharding.mesh_shape)
+  mesh = sharding.mesh_from_config(config.sharding)
   rules = tuple(tuple(r) for r in config.sharding.rules)
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % batch_devices:
@@ -328,7 +328,7 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
           "time_convention": "t2i_sigma" if cond.text else "c2i_t", "data": data_record}
 
   lora_settings = lora_lib.lora_config_of(lcfg) if use_lora else None
-  with jax.set_mesh(mesh):
+  with sharding.use(mesh, rules):
     target = state_lib.abstract_state(model_cfg, tx, config.seed, state_shardings, make_projector,
                                       lcfg if use_lora else None)
     state = checkpointer.restore_latest(target, data_iter,
