@@ -513,7 +513,7 @@ def mesh_for(config, devices, topo: Topology):
     return sharding.mesh_from_config(config.sharding, devices)
   except ValueError as e:
     raise AotError(f"mesh {tuple(config.sharding.mesh_shape)}"
-                   + (f" x DCN {tuple(dcn)}" if dcn else "")
+                   + (f" x DCN {tuple(dcn)}" if dcn and any(int(d) != 1 for d in dcn) else "")
                    + f" does not fit {topo.name} ({len(devices)} chips"
                    + (f" in {topo.num_slices} slices" if topo.num_slices > 1 else "")
                    + f"): {cli.message(e)}") from e

@@ -235,6 +235,27 @@ def close() -> None:
     _active.close()
 
 
+@contextlib.contextmanager
+def native_stderr_to_file():
+  """Send what native code writes straight to file descriptor 2 into the log file for the
+  duration (the profiler's start and stop: with libtpu installed, as the [aot] extra does, its
+  TPU profiler plugin reports its absence there in a dozen lines). Unchanged without a log."""
+  if _active is None:
+    yield
+    return
+  _active.flush()
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(_active._local, "ab") as f:  # noqa: SLF001 - the local file behind the log
+      os.dup2(f.fileno(), 2)
+      yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
 def path() -> Optional[str]:
   """The active log file's path (local or URL), if any."""
   return _active.path if _active is not None else None

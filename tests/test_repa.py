@@ -159,7 +159,7 @@ orig = sh.make_mesh
 for shape in [(1, 1, 1), (2, 2, 2)]:
   c = cfg(num_steps=2, checkpoint_every=1)
   c.sharding.mesh_shape = shape
-  sh.make_mesh = (lambda s, devices=None: orig(s, devices=jax.devices()[:1])) if shape == (1, 1, 1) else orig
+  sh.make_mesh = (lambda s, devices=None, dcn_shape=None: orig(s, devices=jax.devices()[:1])) if shape == (1, 1, 1) else orig
   out[str(shape)] = trainer.train(c, "{tmp_path}/m" + "".join(map(str, shape)))["losses"]
 sh.make_mesh = orig
 repa_losses = [json.loads(l)["repa_loss"] for l in open("{tmp_path}/m222/metrics.jsonl")]
@@ -183,7 +183,7 @@ print(json.dumps({{"losses": out, "repa": repa_losses, "items": items, "change":
   got = json.loads(res.stdout.strip().splitlines()[-1])
   one, eight = got["losses"]["(1, 1, 1)"], got["losses"]["(2, 2, 2)"]
   for s in ("0", "1"):
-    assert eight[s] == pytest.approx(one[s], abs=1e-5)
+    assert eight[s] == pytest.approx(one[s], rel=2e-5)  # fp32 sums in another order per layout
   # Cosine losses of an untrained projector sit near 1 (c2i form); weighted into the total.
   assert all(0.0 < r < 2.0 for r in got["repa"])
   assert "repa_projector" in got["items"] and got["change"] > 0

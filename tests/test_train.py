@@ -233,7 +233,7 @@ for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 4, 2)]:
   if shape == (1, 1, 1):
     import pixeldit_jax.sharding as sh
     orig = sh.make_mesh
-    sh.make_mesh = lambda s, devices=None: orig(s, devices=jax.devices()[:1])
+    sh.make_mesh = lambda s, devices=None, dcn_shape=None: orig(s, devices=jax.devices()[:1])
   out[str(shape)] = trainer.train(c, "{tmp_path}/m" + "".join(map(str, shape)))["losses"]
   if shape == (1, 1, 1):
     sh.make_mesh = orig

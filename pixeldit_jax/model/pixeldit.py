@@ -61,8 +61,9 @@ class PixelDiT(nnx.Module):
 
     rope = tuple(jnp.asarray(a) for a in layers.rope_2d_table(
         cfg.head_dim, h // p, w // p, theta=cfg.rope_theta, scale=cfg.rope_scale))
-    # Activations keep the batch split where the block stacks start (sharding.constrain_batch).
-    tokens, cond = sharding.constrain_batch((self.patch_embed(x), cond))
+    # Activations keep the batch split where the block stacks start (sharding.constrain_batch);
+    # not the small condition vector, which XLA would otherwise gather across slices.
+    tokens = sharding.constrain_batch(self.patch_embed(x))
     s = layers.scan_blocks(self.patch_blocks, tokens, cond, rope,
                            remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers,
                            capture=capture_block)

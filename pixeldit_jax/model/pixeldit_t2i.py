@@ -95,7 +95,7 @@ class PixelDiTT2I(nnx.Module):
     rope_txt = tuple(jnp.asarray(a) for a in layers.rope_1d_table(cfg.head_dim, n_txt, theta=cfg.rope_theta))
     # Activations keep the batch split where the block stacks start: without it GSPMD replicates
     # the batch (from the text position table, sharded over 'embed'); see sharding.constrain_batch.
-    img, txt, cond = sharding.constrain_batch((self.patch_embed(x), txt, cond))
+    img, txt = sharding.constrain_batch((self.patch_embed(x), txt))
     streams = layers.scan_blocks(self.patch_blocks, (img, txt), cond, rope_img, rope_txt,
                                  remat_policy=cfg.remat_policy, unroll=not cfg.scan_layers,
                                  capture=capture_block)

@@ -74,7 +74,11 @@ class StepProfiler:
     stopping = done == self.start + self.num
     if stopping and outputs is not None:
       jax.block_until_ready(outputs)
-    self._action(done)
+    if done == self.start or stopping:  # native profiler chatter goes to log.txt, not the console
+      with logs.native_stderr_to_file():
+        self._action(done)
+    else:
+      self._action(done)
     if stopping:
       self._mirror.close()
       self.done, self._running = True, False
