@@ -13,6 +13,7 @@ workdir, copied there through the path layer when it stops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
@@ -45,6 +46,7 @@ class StepProfiler:
     self.start, self.num = int(start_step), int(num_steps)
     self.active = enabled and self.num > 0
     self.done = self._running = False
+    self._quiet = None  # the fd-2 redirect while tracing
     if not self.active:
       return
     if self.start < first_step:
@@ -74,15 +76,25 @@ class StepProfiler:
     stopping = done == self.start + self.num
     if stopping and outputs is not None:
       jax.block_until_ready(outputs)
-    if done == self.start or stopping:  # native profiler chatter goes to log.txt, not the console
-      with logs.native_stderr_to_file():
-        self._action(done)
-    else:
+    if done == self.start:
+      # Native profiler chatter (its own threads write to fd 2 while tracing, more so with libtpu
+      # installed) goes to log.txt until the trace stops, not to the console.
+      self._quiet = contextlib.ExitStack()
+      self._quiet.enter_context(logs.native_stderr_to_file())
+    try:
       self._action(done)
+    finally:
+      if stopping:
+        self._unquiet()
     if stopping:
       self._mirror.close()
       self.done, self._running = True, False
       logs.console("Profile written to %s (TensorBoard: Profile tab)", self.target)
+
+  def _unquiet(self) -> None:
+    if self._quiet is not None:
+      self._quiet.close()
+      self._quiet = None
 
   def close(self) -> None:
     """A run that ends inside the window stops the trace and keeps what it recorded."""
@@ -92,5 +104,6 @@ class StepProfiler:
           jax.profiler.stop_trace()  # what both drivers call to stop
         except RuntimeError as e:
           logging.warning("Could not stop the profiler trace: %s", e)
+      self._unquiet()
       self._mirror.close()
       self.done = True
