@@ -110,7 +110,9 @@ def report(e: BaseException, argv: Sequence[str] = (), hint: Optional[str] = Non
     sys.stderr.flush()
     err = os.dup(sys.stderr.fileno())
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
-    os.write(err, f"error: {text}\n".encode())
+    # A failed save's background threads may have left half a line on stderr just before it was
+    # closed: start the error on a line of its own then.
+    os.write(err, (("\n" if problem else "") + f"error: {text}\n").encode())
     os.close(err)
     return EXIT_ERROR
   print(f"error: {text}", file=sys.stderr)

@@ -17,6 +17,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # CPU compiles dominate the suite's time; XLA's backend optimisation level 0 halves them and does
 # not change what is computed. Benchmarks and real runs keep the default level.
+# CPU only, for this process and every subprocess: with libtpu installed (the [aot] extra, in the
+# dev requirements) JAX would otherwise probe for a TPU at start-up, and while another process
+# holds libtpu (test_aot under xdist) that probe prints native warnings into the tested output.
+os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
