@@ -124,21 +124,21 @@ checks a multi-slice job (data parallel across slices over DCN); `--hlo` counts 
 collectives and host transfers. `python bench/aot_table.py` regenerates the table below (train
 step only; each XL or T2I row is a 5-15 minute compile on 2 cores).
 
-What it found. The ImageNet recipes fit with full remat, now their default: XL/256 needs 7.4 GiB
-per chip on v5p-32 (without remat 163 GiB, over v5p's 95; with `dots` 75.7 GiB, which fits and
-recomputes less), XL/512 35 GiB on v5p-64. The text-to-image recipe does not fit as the code
-stands: stage 1 needs 536 GiB per chip on v5p-128 and 535 GiB on v5p-256, the same on twice the
-chips, because the whole batch lands on every chip. The model sets no activation sharding
-constraints, and XLA's propagation replicates the batch (probably from where the text tokens meet
-their position table, which is sharded over `embed`). Pinning the batch dimension where the two block stacks start
-(`sharding.constrain_batch`, a model change still to make) brings stage 1 on v5p-128 to 15.1 GiB
-per chip and stage 3 at 1024 to 56.4 GiB in probe compiles (without it XLA stops counting at
-4.00T). The ImageNet models scale oddly too: XL/512 needs 34.8 GiB per chip on v5p-128 with 4
-images per chip, hardly less than 35.3 GiB on v5p-64 with 8. Its step's HLO on v5p-128 (`--hlo`)
-has no all-gather at all (41 all-reduces, 17 all-to-alls, 72 collective-permutes), so XLA moves
-the FSDP weights and activations its own way there; which tensor keeps the memory from shrinking
-is not pinned down yet. On a small model (tests/test_aot.py) some all-gathers carry whole-batch
-activations, another sign that the model needs activation sharding constraints.
+What it found, and what changed. (1) The ImageNet recipes fit with full remat, now their
+default: XL/256 needs 7.4 GiB per chip on v5p-32 (without remat 163 GiB, over v5p's 95; with
+`dots` 75.7 GiB). (2) The text-to-image recipe fit no slice: stage 1 needed 536 GiB per chip on
+v5p-128 and 535 GiB on v5p-256, the same on twice the chips, because XLA's propagation replicated
+the batch (from where the text tokens meet their position table, sharded over `embed`). The models
+now pin the batch dimension of the token streams where both block stacks start
+(`sharding.constrain_batch`; the small condition vector is left alone, since pinned it was
+all-gathered across slices). With that, stage 1 needs 15.1 GiB per chip on v5p-128 and 10.2 GiB on
+v5p-256, and stage 3 at 1024 needs 56.4 GiB on v5p-128: every recipe fits the slice its docstring
+names. (3) The pinning also explains why XL/512 memory did not shrink with more chips: on v5p-128
+it went from 34.8 GiB to 3.2 GiB per chip (compiled with the condition vector pinned as well).
+
+Rows marked † were compiled before the batch pinning and are to be rerun
+(`python bench/aot_table.py --only ID`); ‡ with the condition vector also pinned. Unmarked rows
+are the current code.
 """
 
 

@@ -21,9 +21,9 @@ does not give the same images). Combine with a stage as `:stage1,preset=inferenc
 
 Hardware: the paper trained on A100/H100 nodes (batch 1024 at 512, 768 at 1024); on TPU use a
 v5p-128 or larger with FSDP (the default mesh). Compiled ahead of time for v5p-128 (python -m
-pixeldit_jax.aot), stage 1 needs 536 GiB per chip today, not 95: the model sets no activation
-sharding constraints and XLA replicates the batch; with the batch pinned at the block stacks
-(a model change still to make) it needs 15 GiB. See bench/results/aot_tpu.md.
+pixeldit_jax.aot), stage 1 needs 15.1 GiB per chip and stage 3 at 1024 56.4 GiB, of 95 (before
+the models pinned their batch at the block stacks, XLA replicated it: 536 GiB). See
+bench/results/aot_tpu.md.
 Data: webdataset tar shards of image + caption (`NNNN.tar` with key.jpg + key.txt/json) in SHARDS;
 Gemma: a local copy of Efficient-Large-Model/gemma-2-2b-it (config.json, tokenizer.json,
 *.safetensors) in GEMMA_DIR.
