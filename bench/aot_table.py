@@ -125,7 +125,7 @@ collectives and host transfers. `python bench/aot_table.py` regenerates the tabl
 step only; each XL or T2I row is a 5-15 minute compile on 2 cores).
 
 What it found, and what changed. (1) The ImageNet recipes fit with full remat, now their
-default: XL/256 needs 7.4 GiB per chip on v5p-32 (without remat 163 GiB, over v5p's 95; with
+default: XL/256 needs 4.1 GiB per chip on v5p-32 (7.4 before the batch pinning; without remat 163 GiB, over v5p's 95; with
 `dots` 75.7 GiB). (2) The text-to-image recipe fit no slice: stage 1 needed 536 GiB per chip on
 v5p-128 and 535 GiB on v5p-256, the same on twice the chips, because XLA's propagation replicated
 the batch (from where the text tokens meet their position table, sharded over `embed`). The models
