@@ -12,7 +12,6 @@ from flax import nnx, traverse_util
 
 from helpers import TINY, inputs, max_abs, perturb, tiny
 from pixeldit_jax import checkpoint as ckpt_lib
-from pixeldit_jax import config_lib
 from pixeldit_jax import sample as sample_lib
 from pixeldit_jax.model import PixelDiTConfig, build, lora
 from pixeldit_jax.tools import merge_lora
@@ -72,16 +71,10 @@ def test_t2i_zero_b_identity_and_merge_equals_unmerged():
 
 
 def _config(**train):
-  c = config_lib.base_config()
-  c.image_size = (8, 8)
-  c.model = config_lib.model_dict(config_lib.PixelDiTConfig(**TINY))
-  c.batch_size = 8
-  c.data.source = "fake"
-  c.data.num_workers = 0
-  c.train.update(dict(num_steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=5, sample_every=0,
-                      lr=1e-2, ema_decay=0.5, sample_steps=2, sample_rows=0, sample_per_row=2))
-  c.train.update(train)
-  return c
+  """test_train's small config, with LoRA-test defaults (2 steps, no grids, a fast EMA)."""
+  from test_train import small_config  # noqa: PLC0415 - tests/ is on sys.path under pytest
+  return small_config(**{**dict(num_steps=2, checkpoint_every=2, lr=1e-2, ema_decay=0.5,
+                                sample_steps=2, sample_rows=0, sample_per_row=2), **train})
 
 
 def test_step_trains_only_the_adapters_and_merge_matches():
