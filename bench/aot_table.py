@@ -124,9 +124,12 @@ checks a multi-slice job (data parallel across slices over DCN); `--hlo` counts 
 collectives and host transfers. `python bench/aot_table.py` regenerates the table below (train
 step only; each XL or T2I row is a 5-15 minute compile on 2 cores).
 
-What it found, and what changed. (1) The ImageNet recipes fit with full remat, now their
-default: XL/256 needs 4.1 GiB per chip on v5p-32 (7.4 before the batch pinning; without remat 163 GiB, over v5p's 95; with
-`dots` 75.7 GiB). (2) The text-to-image recipe fit no slice: stage 1 needed 536 GiB per chip on
+What it found, and what changed. (1) The ImageNet recipes fit with full remat, their default:
+XL/256 needs 4.1 GiB per chip on v5p-32 and 1.4 GiB on v6e-64, XL/512 5.9 GiB on v5p-64 and 3.2 on
+v5p-128. On v5p-32, XL/256 also fits with `dots` (12.8 GiB) and without remat (27.6 GiB), which
+recompute less (`--sweep` picks the fastest that fits); before the batch pinning below these
+needed 75.7 and 163 GiB, so full remat stays the default that fits every slice named here and
+80 GB GPUs. (2) The text-to-image recipe fit no slice: stage 1 needed 536 GiB per chip on
 v5p-128 and 535 GiB on v5p-256, the same on twice the chips, because XLA's propagation replicated
 the batch (from where the text tokens meet their position table, sharded over `embed`). The models
 now pin the batch dimension of the token streams where both block stacks start
@@ -134,11 +137,8 @@ now pin the batch dimension of the token streams where both block stacks start
 all-gathered across slices). With that, stage 1 needs 15.1 GiB per chip on v5p-128 and 10.2 GiB on
 v5p-256, and stage 3 at 1024 needs 56.4 GiB on v5p-128: every recipe fits the slice its docstring
 names. (3) The pinning also explains why XL/512 memory did not shrink with more chips: on v5p-128
-it went from 34.8 GiB to 3.2 GiB per chip (compiled with the condition vector pinned as well).
-
-Rows marked † were compiled before the batch pinning and are to be rerun
-(`python bench/aot_table.py --only ID`); ‡ with the condition vector also pinned. Unmarked rows
-are the current code.
+it went from 34.8 GiB to 3.2 GiB per chip, and T2I stage 3 on v5p-256 to 30.9 GiB. Every row of
+the table below was compiled on the current code.
 """
 
 

@@ -9,9 +9,9 @@ facebook/dinov2-base model.safetensors, or torch hub dinov2_vitb14_pretrain.pth)
 Variants: `:size=B`, `:size=L` (PixelDiT-B/16 184.75 M params, -L/16 569.65 M, -XL/16 797.38 M;
 the B and L recipes are the XL one, which the paper does not confirm, spec §12.8).
 Memory: full remat by default; compiled ahead of time for v5p-32 (python -m pixeldit_jax.aot) the
-step needs 4.1 GiB per chip, 163 GiB without remat. `--config.model.remat_policy=dots` recomputes
-less and needs 75.7 GiB per chip on v5p-32; a GPU holds twice that batch per device (32 images),
-so keep full remat on 80 GB GPUs.
+step needs 4.1 GiB per chip (1.4 on v6e-64). On v5p-32 `--config.model.remat_policy=dots`
+(12.8 GiB) and `none` (27.6 GiB) also fit and recompute less; a GPU holds twice that batch per
+device (32 images), so keep full remat on 80 GB GPUs.
 Recipe (spec §4.2, §4.3): batch 256, AdamW 1e-4, clip 1.0, 1.6 M steps (320 epochs), LR 1e-5 and
 clip 0.5 after 160 epochs, EMA 0.9999, logit-normal t with shift 1.0, 10% label dropout, bf16;
 REPA weight 0.5 on the output of patch block 8 through a D-D-D-768 projector, DINOv2 at 224x224.
@@ -31,7 +31,7 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.image_size = (256, 256)
   # Full remat: the step needs 4.1 GiB per chip on v5p-32 (FSDP 16, REPA teacher in the step);
-  # without remat 163 GiB, over v5p's 95 (python -m pixeldit_jax.aot, bench/results/aot_tpu.md).
+  # dots 12.8, none 27.6 (python -m pixeldit_jax.aot, bench/results/aot_tpu.md).
   c.model = config_lib.model_dict(preset(v.size, dtype="bfloat16", remat_policy="full"))
   c.batch_size = 256
   c.sharding.dcn_mesh_shape = (1, 1, 1)  # multi-slice: e.g. (2, 1, 1), data parallel over 2 slices

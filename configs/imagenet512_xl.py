@@ -7,7 +7,7 @@ or dinov2_vitb14_pretrain.pth):
       --config.data.path=DATA_DIR --config.repa.teacher_path=DINOV2_PATH \
       --workdir=gs://BUCKET/pixeldit_xl512
 Memory: full remat by default; compiled ahead of time (python -m pixeldit_jax.aot) the step needs
-35 GiB per chip on v5p-64. Variants `:size=B`, `:size=L`. Same 797.38 M parameters as at 256
+5.9 GiB per chip on v5p-64 and 3.2 on v5p-128. Variants `:size=B`, `:size=L`. Same 797.38 M parameters as at 256
 (nothing in the model depends on the resolution).
 Recipe (spec §4.3; the released 512 config): batch 256, AdamW 1e-4, clip 0.5,
 training time shift 3.0, EMA 0.9999, up to 4 M steps (the released model trained 850 epochs);
