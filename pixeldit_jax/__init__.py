@@ -1,3 +1,10 @@
 """pixeldit-jax: PixelDiT (pixel-space diffusion transformers) in JAX/Flax NNX."""
 
 __version__ = "0.1.0"
+
+import sys as _sys
+
+if getattr(_sys, "argv", [""])[:1] == ["-m"]:  # `python -m pixeldit_jax.<command>` is starting
+  from pixeldit_jax import host_memory as _host_memory
+
+  _host_memory.restart_cli_if_needed()

@@ -47,7 +47,7 @@ _LINEAR_FIELDS = ("in_features", "out_features", "use_bias", "dtype", "param_dty
                   "dot_general", "promote_dtype", "preferred_element_type")
 
 
-class LoRALinear(nnx.Linear):
+class LoRALinear(layers.Linear):
   """An nnx.Linear plus a low-rank update; built from an existing Linear, whose kernel and bias
   Variables it keeps (same attribute names, so the same parameter paths)."""
 

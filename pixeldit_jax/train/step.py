@@ -77,6 +77,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
   rcfg = config.get("repa")
   use_repa = bool(rcfg is not None and rcfg.weight > 0)
   lr_fn = optimizer_lib.learning_rate(tcfg)
+  # AdamW's moments are convex combinations of their finite old values and of g and g^2, each
+  # finite once the global gradient norm is: checking them again would read the optimizer state
+  # once more per step (80 ms of 1.4 s at 256^2 on the CPU). CAME's factored statistics divide,
+  # so its state is checked.
+  adam_state_follows_grads = tcfg.get("optimizer", "adamw") == "adamw"
   use_lora = state_lib.lora_on(tcfg.get("lora"))
 
   def condition(batch: dict, frozen: dict):
@@ -138,7 +143,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
     # weights and optimizer state are checked too. A finite norm also bounds every weight well
     # below the float32 range, so the EMA of finite weights stays finite without its own check.
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-              & jnp.isfinite(optax.global_norm(projector)) & _all_finite(opt_state))
+              & jnp.isfinite(optax.global_norm(projector)))
+    if not adam_state_follows_grads:
+      finite = finite & _all_finite(opt_state)
     decay = ema_decay(tcfg, state.step)
     ema = jax.tree.map(lambda e, q: decay * e + (1.0 - decay) * q.astype(jnp.float32),
                        old_ema, params)
