@@ -194,8 +194,12 @@ def run_worker(spec: dict, tune_official: bool = False) -> dict:
   # A side that cannot run (torch.compile's generated code has crashed on some shapes) is
   # reported as such, and the others are still measured.
   why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-  tail = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip()][-1:] or [""]
-  return dict(times=[], error=f"{why}: {tail[0].strip()[:200]}")
+  if proc.returncode < 0:
+    import signal  # noqa: PLC0415
+    why = f"killed by {signal.Signals(-proc.returncode).name}"
+  tail = [l for l in (proc.stderr or proc.stdout).strip().splitlines()
+          if l.strip() and "warn" not in l.lower()][-1:] or [""]
+  return dict(times=[], error=f"{why} {tail[0].strip()[:200]}".strip())
 
 
 def percentile(xs, q):
@@ -203,6 +207,29 @@ def percentile(xs, q):
   k = (len(xs) - 1) * q
   lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
   return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def table_lines(report: dict) -> list:
+  """The markdown table of a report (bench/results/vs_official.md)."""
+  m = report["machine"]
+  sides = [s for s in SIDES if s in report["rows"][0]]
+  lines = [f"{m['cpu']}, {m['cores']} cores, fp32, {report['date']}: `{report['command']}`", "",
+           "images/s from the median step (in brackets: from the 90th and 10th percentile step times)", ""]
+  head = "| config | measure | " + " | ".join(sides) + (" | ours / best official |" if "ours" in sides else " |")
+  lines += [head, "|" + "---|" * (head.count("|") - 1)]
+  notes = []
+  for row in report["rows"]:
+    cells = []
+    for s in sides:
+      r = row[s]
+      if "error" in r:
+        cells.append("crashed" if r["error"].startswith("killed by") else "failed")
+        notes.append(f"{s} on {row['config']} {row['what']}: {r['error']}")
+      else:
+        cells.append(f"{r['images_per_s']:.2f} ({row['batch'] / r['p90_s']:.2f}-{row['batch'] / r['p10_s']:.2f})")
+    ratio = f" | **{row['ours_over_best_official']:.2f}x**" if "ours_over_best_official" in row else ""
+    lines.append(f"| {row['config']} | {row['what']} | " + " | ".join(cells) + ratio + " |")
+  return lines + ([""] + notes if notes else [])
 
 
 def main() -> int:
@@ -220,8 +247,16 @@ def main() -> int:
   ap.add_argument("--tune_official_malloc", action="store_true",
                   help="run the official side with our glibc malloc settings too (pixeldit_jax.host_memory)")
   ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "vs_official.json"))
+  ap.add_argument("--markdown_only", action="store_true", help="rewrite the .md of --out's JSON")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args()
+  if args.markdown_only:
+    with open(args.out, encoding="utf-8") as f:
+      lines = table_lines(json.load(f))
+    with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
   if args.worker:
     print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
     return 0
@@ -295,22 +330,15 @@ def main() -> int:
                 machine=dict(cpu=cpu, cores=os.cpu_count()), rounds=args.rounds, steps=args.steps,
                 command=" ".join(["python", "bench/vs_official.py"] + sys.argv[1:]), sides=meta, rows=rows,
                 official_malloc_tuned=args.tune_official_malloc)
-  print(f"\n{cpu}, {os.cpu_count()} cores, fp32; img/s from the median step (p10-p90 of the step time)")
-  head = "| config | measure | " + " | ".join(sides) + (" | ours / best official |" if "ours" in sides else " |")
-  print(head)
-  print("|" + "---|" * (head.count("|") - 1))
-  for row in rows:
-    cells = [("crashed" if "signal" in row[s]["error"] else "failed") if "error" in row[s] else
-             f"{row[s]['images_per_s']:.2f} ({row['batch'] / row[s]['p90_s']:.2f}-"
-             f"{row['batch'] / row[s]['p10_s']:.2f})" for s in sides]
-    ratio = f" | **{row['ours_over_best_official']:.2f}x**" if "ours_over_best_official" in row else ""
-    print(f"| {row['config']} | {row['what']} | " + " | ".join(cells) + ratio + " |")
+  lines = table_lines(report)
+  print("\n" + "\n".join(lines))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)
-  for (c, w, side), why in errors.items():
-    print(f"{side} on {c} {w}: {why}")
-  print(f"\nwrote {args.out}")
+  md = os.path.splitext(args.out)[0] + ".md"
+  with open(md, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  print(f"\nwrote {args.out} and {md}")
   return 0
 
 
