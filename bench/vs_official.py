@@ -33,6 +33,9 @@ import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+
+from pixeldit_jax import host_memory  # noqa: E402 - no JAX import; the workers import JAX themselves
 SIDES = ("official_eager", "official_compiled", "ours")
 CONFIGS = {  # configs/tiny.py sizes, as the official constructor takes them
     "tiny": dict(image=64, batch=8, patch_size=8, hidden_size=256, num_heads=4, patch_depth=4, pixel_depth=1),
@@ -62,6 +65,18 @@ def busy_fraction(seconds: float = 2.0) -> float:
 
 
 # ----------------------------------------------------------------------------- workers
+
+def time_steps(step, steps: int, warmup: int) -> list:
+  """Seconds of each of `steps` calls of `step()` after `warmup` untimed ones (compile included)."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
 
 def _official_worker(cfg: dict, what: str, compiled: bool, steps: int, warmup: int, official: str):
   import copy  # noqa: PLC0415
@@ -108,18 +123,12 @@ def _official_worker(cfg: dict, what: str, compiled: bool, steps: int, warmup: i
         torch._foreach_mul_(ema_params, EMA_DECAY)
         torch._foreach_add_(ema_params, params, alpha=1.0 - EMA_DECAY)
 
-  times = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
-    step()
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
+  times = time_steps(step, steps, warmup)
   return dict(times=times, threads=torch.get_num_threads(), version=torch.__version__,
               glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def _ours_worker(cfg_name: str, what: str, steps: int, warmup: int, scan: bool):
-  sys.path.insert(0, ROOT)
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
@@ -159,12 +168,7 @@ def _ours_worker(cfg_name: str, what: str, steps: int, warmup: int, scan: bool):
       holder[0], metrics = train_step(holder[0], batch, {})
       jax.block_until_ready(metrics)
 
-  times = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
-    step()
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
+  times = time_steps(step, steps, warmup)
   return dict(times=times, version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
               glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
 
@@ -182,10 +186,7 @@ def worker(spec: dict) -> dict:
 def run_worker(spec: dict, tune_official: bool = False) -> dict:
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   if spec["side"] == "ours" or tune_official:
-    # As our commands start (pixeldit_jax.host_memory); the official side runs as it ships.
-    sys.path.insert(0, ROOT)
-    from pixeldit_jax import host_memory  # noqa: PLC0415
-    env = host_memory.environ(env)
+    env = host_memory.environ(env)  # as our commands start; the official side runs as it ships
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                         capture_output=True, text=True, env=env, check=False)
   for line in proc.stdout.splitlines():

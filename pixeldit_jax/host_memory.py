@@ -59,12 +59,10 @@ def restart_cli_if_needed() -> None:
   Only for those commands, recognised from the interpreter's own argv (a script that imports
   the package is left alone). The process keeps its PID, so launchers and signals still apply.
   """
-  argv = getattr(sys, "orig_argv", None)
-  if not argv or "-m" not in argv[1:] or not needs_restart():
-    return
-  module = argv[argv.index("-m", 1) + 1] if argv.index("-m", 1) + 1 < len(argv) else ""
-  if module not in CLI_MODULES:
+  argv = list(getattr(sys, "orig_argv", None) or [])
+  module = argv[argv.index("-m", 1) + 1] if "-m" in argv[1:-1] else None
+  if module not in CLI_MODULES or not needs_restart():
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable] + list(argv[1:]), environ())
+  os.execve(sys.executable, [sys.executable] + argv[1:], environ())
