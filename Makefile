@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
-.PHONY: venv test demo demo-t2i fmnist-data bench clean
+.PHONY: venv test demo demo-t2i fmnist-data bench ablation clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ demo-t2i: venv fmnist-data
 
 bench: venv
 	$(PY) bench/model_cost.py
+
+# The paper's Table-5 ablation at Fashion-MNIST scale (5 variants x 2 seeds; about 50 minutes on
+# 2 cores): bench/results/ablation.{md,json,png}.
+ablation: venv fmnist-data
+	$(PY) bench/ablation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache workdir .test_data build

@@ -67,6 +67,9 @@ def train_defaults() -> ml_collections.ConfigDict:
       # The paper steps LR 1e-4 -> 1e-5 and the clip 1.0 -> 0.5 after 160 epochs.
       step_down_step=config_dict.placeholder(int), lr_after_step_down=1e-5,
       grad_clip_after_step_down=0.5,
+      # After warmup: "none" (constant, the paper), "cosine" or "linear" down to lr * lr_min_ratio
+      # at num_steps.
+      lr_decay="none", lr_min_ratio=0.0,
       ema_decay=0.9999, ema_warmup=False,
       time_shift=1.0, label_dropout=0.1,
       # Text-to-image only: feed the model the released trainer's integer timestep
@@ -194,6 +197,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   f"convention), got {config.sample.sampler!r}")
   if text_to_image and "text" not in config:
     errors.append("a text-to-image model needs a `text` section (pixeldit_jax.text.text_config_defaults())")
+  from pixeldit_jax.train.optimizer import LR_DECAYS  # noqa: PLC0415
+  if t.get("lr_decay", "none") not in LR_DECAYS:
+    errors.append(f"train.lr_decay must be one of {LR_DECAYS}, got {t.lr_decay!r}")
+  if not 0.0 <= t.get("lr_min_ratio", 0.0) <= 1.0:
+    errors.append(f"train.lr_min_ratio must be in [0, 1], got {t.lr_min_ratio}")
   if t.optimizer not in ("adamw", "came"):
     errors.append(f"train.optimizer must be 'adamw' or 'came', got {t.optimizer!r}")
   lcfg = t.get("lora")

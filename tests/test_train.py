@@ -81,6 +81,22 @@ def test_lr_and_clip_step_down_and_warmup():
   assert float(clip(99)) == 1.0 and float(clip(100)) == 0.5
 
 
+def test_lr_decay_after_warmup_to_the_floor():
+  t = config_lib.train_defaults()
+  t.update(dict(lr=1e-3, warmup_steps=10, num_steps=110, lr_decay="cosine", lr_min_ratio=0.1))
+  lr = optimizer.learning_rate(t)
+  assert float(lr(0)) == pytest.approx(1e-4)  # warmup unchanged
+  assert float(lr(10)) == pytest.approx(1e-3)  # decay starts where warmup ends
+  assert float(lr(60)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way: cos = 0
+  assert float(lr(110)) == pytest.approx(1e-4) and float(lr(500)) == pytest.approx(1e-4)
+  t.lr_decay = "linear"
+  assert float(optimizer.learning_rate(t)(35)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.75))
+  with pytest.raises(ValueError, match="train.lr_decay must be one of"):
+    c = config_lib.load("fashion_mnist.py")
+    c.train.lr_decay = "exp"
+    config_lib.validate(c)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def test_resume_continues_the_same_loss_trajectory(tmp_path):

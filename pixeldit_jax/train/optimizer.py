@@ -21,9 +21,33 @@ def _step_down(before: float, after: float, at) -> Callable:
   return lambda count: jnp.where(count < at, before, after).astype(jnp.float32)
 
 
+LR_DECAYS = ("none", "cosine", "linear")
+
+
+def _decay(tcfg) -> Callable:
+  """step -> factor in [lr_min_ratio, 1]: from the end of warmup down to lr_min_ratio at num_steps.
+
+  Short runs (the CPU demos) end sharper when the LR anneals than at a constant LR; the paper's
+  recipes keep "none".
+  """
+  kind = tcfg.get("lr_decay", "none")
+  if kind == "none":
+    return lambda count: jnp.float32(1.0)
+  start, end, floor = tcfg.warmup_steps, tcfg.num_steps, tcfg.get("lr_min_ratio", 0.0)
+
+  def factor(count):
+    frac = jnp.clip((count - start) / max(end - start, 1), 0.0, 1.0).astype(jnp.float32)
+    shape = 0.5 * (1.0 + jnp.cos(jnp.pi * frac)) if kind == "cosine" else 1.0 - frac
+    return floor + (1.0 - floor) * shape
+  return factor
+
+
 def learning_rate(tcfg) -> Callable:
-  """step -> LR: linear warmup from 0, then constant, then the optional step-down."""
+  """step -> LR: linear warmup from 0, then constant (or the optional decay), times the step-down."""
   base = _step_down(tcfg.lr, tcfg.lr_after_step_down, tcfg.step_down_step)
+  decay = _decay(tcfg)
+  if tcfg.get("lr_decay", "none") != "none":
+    base = (lambda b: lambda count: b(count) * decay(count))(base)
   if not tcfg.warmup_steps:
     return base
   return lambda count: base(count) * jnp.minimum(1.0, (count + 1) / tcfg.warmup_steps)
