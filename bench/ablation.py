@@ -1,6 +1,6 @@
 """The paper's Table-5 ablation at small scale: what pixel-wise AdaLN and token compaction buy.
 
-  python bench/ablation.py                      # the full run (5 variants x 2 seeds; see README)
+  python bench/ablation.py                      # 5 variants x 2 seeds, ~35 minutes on 2 CPU cores
   python bench/ablation.py --smoke              # 2 variants, a few steps: checks it all runs
 
 Every variant is the Fashion-MNIST demo model (configs/fashion_mnist.py) trained with the same
@@ -9,7 +9,9 @@ budget (steps, batch, learning-rate schedule, data order per seed); only the mod
   full            PixelDiT as released: pixel-wise AdaLN, compacted PiT attention (paper row D)
   patchwise       one modulation per patch broadcast to its pixels (paper row B, Fig. 3)
   no_compaction   PiT attention over every pixel instead of one token per patch (paper: OOM at
-                  256^2; at 28^2 it fits: 784 tokens)
+                  256^2; at 28^2 it fits, 784 tokens, but a step costs ~30x the full model's on a
+                  CPU, so the default runs it for 200 steps: with warmup and a constant LR these are
+                  the same first 200 steps the other variants take, compared at step 200)
   no_pixel        no pixel level: a patch-only DiT with the patch-level depth raised until its
                   parameter count matches the full model's (paper: "vanilla DiT/16")
   post_mod        the June 2026 post-modulation PiT (scale/shift after each branch, no gates)
@@ -67,13 +69,20 @@ def variant_model(base: dict, name: str) -> dict:
   return m
 
 
+def variant_steps(args, name: str) -> int:
+  """Training steps of a variant: --steps unless --variant_steps caps it (name=N,...)."""
+  caps = dict(kv.split("=") for kv in args.variant_steps.split(",") if kv)
+  return min(args.steps, int(caps.get(name, args.steps)))
+
+
 def run_config(args, name: str, seed: int):
   from pixeldit_jax import config_lib
-  c = config_lib.load(f"fashion_mnist.py:steps={args.steps}")
+  steps = variant_steps(args, name)
+  c = config_lib.load(f"fashion_mnist.py:steps={steps}")
   c.seed = seed
   c.model = config_lib.model_dict(config_lib.model_config(c).__class__.from_dict(
       variant_model(dict(c.model), name)))
-  c.train.update(dict(checkpoint_every=args.eval_every, keep_checkpoints=args.steps // args.eval_every + 1,
+  c.train.update(dict(checkpoint_every=args.eval_every, keep_checkpoints=steps // args.eval_every + 1,
                       sample_rows=0, log_every=min(50, args.eval_every)))
   c.sample.update(dict(sampler=args.sampler, num_steps=args.sample_steps, cfg_scale=args.cfg_scale,
                        num_per_class=args.num_samples // 10, batch_size=min(250, args.num_samples), seed=0))
@@ -105,7 +114,12 @@ def summarize(runs: list[dict], variants: list[str]) -> list[dict]:
     fd = np.array([r["evals"][-1]["fd"] for r in rs])
     acc = np.array([r["evals"][-1]["accuracy"] for r in rs])
     std = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0  # noqa: E731
+    # Every variant at the first evaluation step all of them reached (a capped variant's last).
+    common = min(r2["evals"][-1]["step"] for r2 in runs)
+    fd_c = np.array([next(e["fd"] for e in r["evals"] if e["step"] == common) for r in rs])
     out.append(dict(variant=v, label=LABELS[v], seeds=len(rs), params=rs[0]["params"],
+                    steps=rs[0]["evals"][-1]["step"], common_step=common, fd_common_mean=float(fd_c.mean()),
+                    fd_common_std=std(fd_c), step_s_mean=float(np.mean([r["train_s"] / r["evals"][-1]["step"] for r in rs])),
                     patch_depth=rs[0]["model"]["patch_depth"], pixel_depth=rs[0]["model"]["pixel_depth"],
                     fd_mean=float(fd.mean()), fd_std=std(fd), accuracy_mean=float(acc.mean()),
                     accuracy_std=std(acc), train_s_mean=float(np.mean([r["train_s"] for r in rs])),
@@ -118,13 +132,15 @@ def table_lines(summary: list[dict], meta: dict) -> list[str]:
            f"{meta['num_samples']} samples per evaluation ({meta['sampler']} {meta['sample_steps']} steps, "
            f"CFG {meta['cfg_scale']:g}), seeds {meta['seeds']}; {meta['machine']}, {meta['date']}.",
            f"Command: `{meta['command']}`", "",
-           "| variant | params | fmnist_fd (lower is better) | fmnist_accuracy | final loss | train s |",
-           "|---|---|---|---|---|---|"]
+           "| variant | params | steps | fmnist_fd (lower is better) | fmnist_accuracy | "
+           f"fmnist_fd at step {summary[0]['common_step']} | final loss | train s (s/step) |",
+           "|---|---|---|---|---|---|---|---|"]
   for s in summary:
     depth = f", patch depth {s['patch_depth']}" if s["variant"] == "no_pixel" else ""
-    lines.append(f"| {s['label']} | {s['params'] / 1e6:.2f} M{depth} | {s['fd_mean']:.2f} +- {s['fd_std']:.2f} | "
-                 f"{s['accuracy_mean']:.3f} +- {s['accuracy_std']:.3f} | {s['final_loss_mean']:.4f} | "
-                 f"{s['train_s_mean']:.0f} |")
+    lines.append(f"| {s['label']} | {s['params'] / 1e6:.2f} M{depth} | {s['steps']} | "
+                 f"{s['fd_mean']:.2f} +- {s['fd_std']:.2f} | {s['accuracy_mean']:.3f} +- {s['accuracy_std']:.3f} | "
+                 f"{s['fd_common_mean']:.2f} +- {s['fd_common_std']:.2f} | {s['final_loss_mean']:.4f} | "
+                 f"{s['train_s_mean']:.0f} ({s['step_s_mean']:.2f}) |")
   return lines
 
 
@@ -186,8 +202,10 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--variants", default=",".join(VARIANTS))
   ap.add_argument("--seeds", default="0,1")
-  ap.add_argument("--steps", type=int, default=1200)
-  ap.add_argument("--eval_every", type=int, default=300)
+  ap.add_argument("--steps", type=int, default=600)
+  ap.add_argument("--eval_every", type=int, default=200)
+  ap.add_argument("--variant_steps", default="no_compaction=200",
+                  help="name=N,...: fewer steps for a variant too slow for the full budget")
   ap.add_argument("--num_samples", type=int, default=500)
   ap.add_argument("--sampler", default="euler")
   ap.add_argument("--sample_steps", type=int, default=20)
@@ -206,8 +224,8 @@ def main(argv=None):
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
     ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-  if args.steps % args.eval_every or args.num_samples % 10:
-    ap.error("--steps must be a multiple of --eval_every and --num_samples of 10")
+  if any(variant_steps(args, v) % args.eval_every for v in VARIANTS) or args.num_samples % 10:
+    ap.error("--steps and --variant_steps must be multiples of --eval_every, --num_samples of 10")
   seeds = [int(s) for s in args.seeds.split(",")]
 
   import jax
@@ -220,11 +238,11 @@ def main(argv=None):
       c = run_config(args, v, seed)
       workdir = os.path.join(os.path.abspath(args.work), f"{v}_seed{seed}")
       shutil.rmtree(workdir, ignore_errors=True)
-      print(f"{v}, seed {seed}: training {args.steps} steps", flush=True)
+      print(f"{v}, seed {seed}: training {variant_steps(args, v)} steps", flush=True)
       t0 = time.perf_counter()
       s = trainer.train(c, workdir)
       train_s = time.perf_counter() - t0
-      steps = list(range(args.eval_every, args.steps + 1, args.eval_every))
+      steps = list(range(args.eval_every, variant_steps(args, v) + 1, args.eval_every))
       runs.append(dict(variant=v, seed=seed, model=dict(c.model), params=param_count(dict(c.model)),
                        train_s=round(train_s, 1), final_loss=float(s["loss"]),
                        evals=evaluate(c, workdir, steps, classifier)))
@@ -246,4 +264,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  # The glibc malloc settings of the command-line entry points (no per-step page faults), set
+  # before JAX loads: this script re-executes itself once with them.
+  from pixeldit_jax import host_memory
+  if host_memory.needs_restart():
+    os.execve(sys.executable, [sys.executable] + sys.argv, host_memory.environ())
   main()

@@ -34,10 +34,12 @@ def get_config(arg=None):
   t.ema_decay, t.ema_warmup = 0.999, True
   t.log_every, t.checkpoint_every, t.sample_every = 50, 1000, 0
   # Measured on the demo's 500 samples (README): steps bought the most (1500 -> 3000 steps:
-  # fmnist_fd 21 -> 13; 3500 fit the 15 minutes); CFG 3 beats 2 on accuracy (0.87 vs 0.77 at 1500 steps); 20 AB2 steps
-  # score as 40 do; a cosine LR decay, a guidance interval and time shifts 0.5 or 2 did not help.
-  t.sample_steps, t.sample_cfg_scale, t.sample_cfg_interval = 20, 3.0, (0.0, 1.0)
+  # fmnist_fd 21 -> 13; 3500 fit the 15 minutes); then guidance only for t in [0.2, 0.9]
+  # (t = 0 is noise): CFG 4 there keeps the accuracy CFG buys (0.91 vs 0.95 at CFG 3 on all t)
+  # and the diversity it costs at the noisiest times (fd 7.9 vs 13.2). 20 AB2 steps score as 40
+  # do; a cosine LR decay and training time shifts 0.5 or 2 did not help.
+  t.sample_steps, t.sample_cfg_scale, t.sample_cfg_interval = 20, 4.0, (0.2, 0.9)
   # python -m pixeldit_jax.sample --workdir=workdir/demo: 50 per class for the offline metric.
-  c.sample.update(dict(sampler="ab2", num_steps=20, cfg_scale=3.0, cfg_interval=(0.0, 1.0),
+  c.sample.update(dict(sampler="ab2", num_steps=20, cfg_scale=4.0, cfg_interval=(0.2, 0.9),
                        num_per_class=50, batch_size=250))
   return c
