@@ -66,7 +66,7 @@ demo-t2i: venv fmnist-data
 bench: venv
 	$(PY) bench/model_cost.py
 
-# The paper's Table-5 ablation at Fashion-MNIST scale (5 variants x 2 seeds; about 50 minutes on
+# The paper's Table-5 ablation at Fashion-MNIST scale (5 variants x 2 seeds; about 45 minutes on
 # 2 cores): bench/results/ablation.{md,json,png}.
 ablation: venv fmnist-data
 	$(PY) bench/ablation.py

@@ -1,6 +1,6 @@
 """The paper's Table-5 ablation at small scale: what pixel-wise AdaLN and token compaction buy.
 
-  python bench/ablation.py                      # 5 variants x 2 seeds, ~35 minutes on 2 CPU cores
+  python bench/ablation.py                      # 5 variants x 2 seeds, ~45 minutes on 2 CPU cores
   python bench/ablation.py --smoke              # 2 variants, a few steps: checks it all runs
 
 Every variant is the Fashion-MNIST demo model (configs/fashion_mnist.py) trained with the same
@@ -9,7 +9,7 @@ budget (steps, batch, learning-rate schedule, data order per seed); only the mod
   full            PixelDiT as released: pixel-wise AdaLN, compacted PiT attention (paper row D)
   patchwise       one modulation per patch broadcast to its pixels (paper row B, Fig. 3)
   no_compaction   PiT attention over every pixel instead of one token per patch (paper: OOM at
-                  256^2; at 28^2 it fits, 784 tokens, but a step costs ~9x the full model's on a
+                  256^2; at 28^2 it fits, 784 tokens, but a step costs 7-9x the full model's on a
                   CPU, so the default runs it for 200 steps: with warmup and a constant LR these are
                   the same first 200 steps the other variants take, compared at step 200)
   no_pixel        no pixel level: a patch-only DiT with the patch-level depth raised until its
