@@ -107,15 +107,15 @@ def evaluate(c, workdir: str, steps: list[int], classifier) -> list[dict]:
 
 def summarize(runs: list[dict], variants: list[str]) -> list[dict]:
   out = []
+  std = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0  # noqa: E731
+  # Every variant at the first evaluation step all of them reached (a capped variant's last).
+  common = min(r["evals"][-1]["step"] for r in runs)
   for v in variants:
     rs = [r for r in runs if r["variant"] == v]
     if not rs:
       continue
     fd = np.array([r["evals"][-1]["fd"] for r in rs])
     acc = np.array([r["evals"][-1]["accuracy"] for r in rs])
-    std = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0  # noqa: E731
-    # Every variant at the first evaluation step all of them reached (a capped variant's last).
-    common = min(r2["evals"][-1]["step"] for r2 in runs)
     fd_c = np.array([next(e["fd"] for e in r["evals"] if e["step"] == common) for r in rs])
     out.append(dict(variant=v, label=LABELS[v], seeds=len(rs), params=rs[0]["params"],
                     steps=rs[0]["evals"][-1]["step"], common_step=common, fd_common_mean=float(fd_c.mean()),
@@ -247,7 +247,7 @@ def main(argv=None):
                        train_s=round(train_s, 1), final_loss=float(s["loss"]),
                        evals=evaluate(c, workdir, steps, classifier)))
   summary = summarize(runs, variants)
-  meta = dict(steps=args.steps, batch_size=run_config(args, "full", 0).batch_size, seeds=seeds,
+  meta = dict(steps=args.steps, batch_size=c.batch_size, seeds=seeds,
               num_samples=args.num_samples, sampler=args.sampler, sample_steps=args.sample_steps,
               cfg_scale=args.cfg_scale, eval_every=args.eval_every,
               machine=f"{os.cpu_count()}-core CPU, {jax.devices()[0].platform}",

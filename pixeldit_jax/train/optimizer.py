@@ -24,15 +24,12 @@ def _step_down(before: float, after: float, at) -> Callable:
 LR_DECAYS = ("none", "cosine", "linear")
 
 
-def _decay(tcfg) -> Callable:
-  """step -> factor in [lr_min_ratio, 1]: from the end of warmup down to lr_min_ratio at num_steps.
-
-  Short runs (the CPU demos) end sharper when the LR anneals than at a constant LR; the paper's
-  recipes keep "none".
-  """
+def _decay(tcfg):
+  """step -> factor in [lr_min_ratio, 1], from the end of warmup down to lr_min_ratio at
+  num_steps; None for "none" (the paper's recipes: constant LR)."""
   kind = tcfg.get("lr_decay", "none")
   if kind == "none":
-    return lambda count: jnp.float32(1.0)
+    return None
   start, end, floor = tcfg.warmup_steps, tcfg.num_steps, tcfg.get("lr_min_ratio", 0.0)
 
   def factor(count):
@@ -44,10 +41,9 @@ def _decay(tcfg) -> Callable:
 
 def learning_rate(tcfg) -> Callable:
   """step -> LR: linear warmup from 0, then constant (or the optional decay), times the step-down."""
-  base = _step_down(tcfg.lr, tcfg.lr_after_step_down, tcfg.step_down_step)
+  step_down = _step_down(tcfg.lr, tcfg.lr_after_step_down, tcfg.step_down_step)
   decay = _decay(tcfg)
-  if tcfg.get("lr_decay", "none") != "none":
-    base = (lambda b: lambda count: b(count) * decay(count))(base)
+  base = step_down if decay is None else (lambda count: step_down(count) * decay(count))
   if not tcfg.warmup_steps:
     return base
   return lambda count: base(count) * jnp.minimum(1.0, (count + 1) / tcfg.warmup_steps)
