@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -10,10 +11,11 @@ from PIL import Image
 from pixeldit_jax import fs
 
 
-def grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
-  """(N, H, W, C) uint8 -> one (rows*(H+pad)-pad, cols*(W+pad)-pad, C) image, row-major."""
+def grid(images: np.ndarray, rows: int, pad: int = 2, cols: Optional[int] = None) -> np.ndarray:
+  """(N, H, W, C) uint8 -> one (rows*(H+pad)-pad, cols*(W+pad)-pad, C) image, row-major
+  (cols defaults to as many as `rows` rows need)."""
   n, h, w, c = images.shape
-  cols = -(-n // rows)
+  cols = cols or -(-n // rows)
   out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, c), 255, np.uint8)
   for i, img in enumerate(images):
     r, k = divmod(i, cols)

@@ -275,11 +275,19 @@ def run_text(config, checkpoint_dir: str, out_dir, prompts: list[str], step=None
     for i, img in enumerate(x):
       images.save_png(img, fs.join(out_dir, "images", f"{i:05d}.png"))
     grid_path = fs.join(out_dir, "grid.png")
-    images.save_png(images.grid(x, len(prompts) if per > 1 else max(1, int(total ** 0.5))), grid_path,
-                    scale=max(1, 256 // max(h, w)))
+    images.save_png(prompt_grid(x, len(prompts), per), grid_path, scale=max(1, 256 // max(h, w)))
     summary.update(samples=path, grid=grid_path)
   distributed.barrier("sample_end")
   return summary
+
+
+def prompt_grid(x: np.ndarray, num_prompts: int, per: int) -> np.ndarray:
+  """The samples of each prompt side by side: one row per prompt for up to 10 prompts, else whole
+  prompts per row in a roughly square grid (100 prompts x 2: 7 prompts, 14 images, per row)."""
+  if per == 1:
+    return images.grid(x, max(1, int(len(x) ** 0.5)))
+  k = 1 if num_prompts <= 10 else max(1, int((num_prompts / per) ** 0.5))
+  return images.grid(x, -(-num_prompts // k), cols=k * per)
 
 
 def _lora_setting(lora) -> dict:

@@ -156,7 +156,7 @@ def test_text_to_image_runs_headless(tmp_path, standin_assets, model):
     images, captions = z["arr_0"], list(z["captions"])
   if model == "fmnist":
     assert "Trained to step 3" in text
-    assert images.shape == (12, 56, 56, 3) and captions[0] == "a blue t-shirt on a white background, bottom left"
+    assert images.shape == (12, 32, 32, 3) and captions[0] == "a blue t-shirt on a white background, bottom left"
   else:
     assert "Local stand-ins, no download" in text and "t2i_sigma convention" in text
     assert "text encoder minilm" in text

@@ -314,6 +314,20 @@ def test_workers_give_the_same_stream_and_state():
 # ---------------------------------------------------------------- captioned Fashion-MNIST
 
 
+def test_small_canvases_draw_resized_garments():
+  images, _ = fashion_mnist.load_fashion_mnist("test")
+  assert [cf.garment_size(s) for s in (32, 40, 56, 64)] == [16, 20, 28, 28]
+  image = cf.render(images[0], 0, 2, 3, 32)  # red on blue, bottom right
+  assert image.shape == (32, 32, 3)
+  assert (image[:16] == cf.COLOUR_RGB[2]).all() and (image[:, :16] == cf.COLOUR_RGB[2]).all()
+  tile = image[16:, 16:].astype(float)
+  expected = cf.COLOUR_RGB[2] + cf.resize_gray(images[0], 16)[:, :, None] / 255 * (cf.COLOUR_RGB[0] - cf.COLOUR_RGB[2])
+  assert np.abs(tile - expected).max() <= 0.5 and tile[..., 0].max() > 200  # the garment is there
+  for bad in (30, 33):
+    with pytest.raises(ValueError, match=">= 32"):
+      cf.render(images[0], 0, 2, 3, bad)
+
+
 def test_captions_and_heldout_set():
   captions = cf.all_captions()
   assert len(captions) == len(set(captions)) == 2240 == cf.NUM_CAPTIONS
@@ -357,15 +371,18 @@ def test_captioned_fmnist_is_deterministic_and_excludes_heldout():
 # ---------------------------------------------------------------- the faithfulness metric
 
 
-@pytest.fixture(scope="module")
-def rendered():
-  """200 records of the training stream and 100 held-out captions drawn with test garments."""
-  source = cf.CaptionedFashionMNIST("train")
+@pytest.fixture(scope="module", params=[64, 32])
+def rendered(request):
+  """200 records of the training stream and 100 held-out captions drawn with test garments, on
+  64x64 canvases (28x28 garments) and 32x32 ones (garments resized to 16x16, the demo's)."""
+  size = request.param
+  source = cf.CaptionedFashionMNIST("train", size=size)
   records = [source[int(i)] for i in np.random.default_rng(1).integers(0, len(source), 200)]
   images, labels = fashion_mnist.load_fashion_mnist("test")
   for k, (cls, colour, bg, pos) in enumerate(cf.heldout_keys(100)):
     g = int(np.flatnonzero(labels == cls)[k])
-    records.append({"image": cf.render(images[g], colour, bg, pos), "caption": cf.caption(cls, colour, bg, pos)})
+    records.append({"image": cf.render(images[g], colour, bg, pos, size),
+                    "caption": cf.caption(cls, colour, bg, pos)})
   return np.stack([r["image"] for r in records]), [r["caption"] for r in records]
 
 
@@ -393,8 +410,11 @@ def test_metric_garment_check_with_a_trained_classifier(rendered, fmnist_quick_c
   classifier, _ = fmnist_quick_classifier  # the session's quickly trained one (conftest)
   truth = t2i_fmnist.faithfulness(images, captions, classifier)
   # The garment check scores the classifier's accuracy on the drawn garments: 0.83 for the quick
-  # classifier on real Fashion-MNIST (test accuracy 0.84), >= 0.85 for the full one.
-  assert truth["t2i_garment"] >= min(0.85, classifier.test_accuracy - 0.05)
+  # classifier on real Fashion-MNIST (test accuracy 0.84), >= 0.85 for the full one; at 32x32 the
+  # garments went through 16x16 and back (the full classifier: 0.89 there, 0.93 on 28x28).
+  print("garment check on real drawings", images.shape[1], truth["t2i_garment"], classifier.test_accuracy)
+  margin = 0.05 if images.shape[1] >= 56 else 0.12
+  assert truth["t2i_garment"] >= min(0.85, classifier.test_accuracy - margin)
   assert truth["t2i_all"] == truth["t2i_garment"]
   shuffled = [captions[i] for i in np.random.default_rng(0).permutation(len(captions))]
   assert t2i_fmnist.faithfulness(images, shuffled, classifier)["t2i_garment"] < 0.3

@@ -314,3 +314,24 @@ def test_forward_matches_spec_reference(model, height, width, n_txt):
   assert np.abs(want).max() > 0.1
   np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=2e-5 * np.abs(want).max())
   np.testing.assert_allclose(np.asarray(feats), want_feats, rtol=0, atol=2e-5 * np.abs(want_feats).max())
+
+
+def test_pooled_text_condition_option():
+  # Off (the released model): no parameter. On: Linear(mean text) is added to t_emb in the MM-DiT
+  # condition only, so a zero projection gives the plain model and a non-zero one changes it.
+  with pytest.raises(ValueError, match="text_pooled_cond needs the text-to-image model"):
+    tiny(text_dim=None, text_pooled_cond=True)
+  assert abstract(tiny()).text_pool is None
+  cfg = tiny(text_pooled_cond=True)
+  x, t, text = inputs(cfg)
+  ref = forward(random_model(tiny()), x, t, text)
+  m = random_model(cfg)
+  assert m.text_pool.kernel.shape == (cfg.text_dim, cfg.hidden_size)
+  assert forward_flops(cfg, 8, 12)["total"] - forward_flops(tiny(), 8, 12)["total"] == 2 * 12 * 32
+  assert float(jnp.abs(forward(m, x, t, text) - ref).max()) > 1e-4
+  params = random_params(tiny())  # the plain model's values, plus a zero projection
+  params["text_pool"] = {"kernel": np.zeros((12, 32), np.float32), "bias": np.zeros(32, np.float32)}
+  state = nnx.state(m, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(m, state)
+  np.testing.assert_allclose(forward(m, x, t, text), ref, atol=1e-6)

@@ -187,3 +187,15 @@ def test_smoke_run_trains_resumes_and_samples_from_a_prompt_file(tmp_path):
   again = sample.run_text(c, ckpt, out, sample.read_prompts(str(prompts)))
   assert again["generated"] == 2
   np.testing.assert_array_equal(np.load(os.path.join(out, "samples.npz"))["arr_0"], data["arr_0"])
+
+
+def test_prompt_grid_keeps_each_prompt_on_one_row():
+  from pixeldit_jax import sample
+  x = np.zeros((200, 4, 4, 3), np.uint8)
+  x[:] = (np.arange(200) // 2).astype(np.uint8)[:, None, None, None]  # the prompt index
+  g = sample.prompt_grid(x, 100, 2)  # 7 prompts (14 images) per row, 15 rows
+  assert g.shape == (15 * 6 - 2, 14 * 6 - 2, 3)
+  assert g[0, 0, 0] == 0 and g[0, 13 * 6, 0] == 6 and g[6, 0, 0] == 7 and g[14 * 6, 0, 0] == 98
+  few = sample.prompt_grid(x[:6], 3, 2)  # up to 10 prompts: one row each
+  assert few.shape == (3 * 6 - 2, 2 * 6 - 2, 3) and few[6, 0, 0] == 1
+  assert sample.prompt_grid(x[:16], 16, 1).shape == (4 * 6 - 2, 4 * 6 - 2, 3)

@@ -1,10 +1,14 @@
 """Captioned Fashion-MNIST: the embedded text-to-image demo data set, rendered on the fly.
 
-A record is a square RGB canvas (``size`` x ``size``, 56 or 64 in the demos) split into a 2x2
-layout; one Fashion-MNIST garment (28x28, centred in its quadrant) is drawn in a named colour on a
-background of another named colour, with the garment's gray level as the blend weight::
+A record is a square RGB canvas (``size`` x ``size``, 32 in the demo) split into a 2x2 layout; one
+Fashion-MNIST garment, centred in its quadrant, is drawn in a named colour on a background of
+another named colour, with the garment's gray level as the blend weight::
 
   pixel = background * (1 - g / 255) + colour * g / 255      caption: "a red sneaker on a blue background, top left"
+
+The garment is ``garment_size(size)`` = min(28, size // 2) pixels square: the 28x28 original on
+canvases of 56 and more, resized (Lanczos) to fill the quadrant on smaller ones (16x16 at 32x32,
+where the project's classifier still recognises 85% of real test garments, against 92% at 28x28).
 
 Captions: 10 classes x 8 colours x 7 other background colours x 4 positions = 2,240. The colours
 are the corners of the RGB cube (as far apart as colours get). ``heldout_captions(n)`` is a fixed,
@@ -26,6 +30,7 @@ import re
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from pixeldit_jax.data import fashion_mnist
 
@@ -38,7 +43,8 @@ COLOURS = (("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255)),
 COLOUR_NAMES = tuple(name for name, _ in COLOURS)
 COLOUR_RGB = np.asarray([rgb for _, rgb in COLOURS], np.float64)
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # quadrant = 2 * row + col
-GARMENT = 28
+GARMENT = 28  # Fashion-MNIST's side
+MIN_SIZE = 32  # quadrants of 16x16: the smallest garments still recognisable
 DATA_SEED, HELDOUT_SEED = 20240917, 1729
 COLOURINGS_PER_IMAGE = 8
 DEFAULT_HELDOUT = 100
@@ -88,16 +94,31 @@ def heldout_captions(n: int = DEFAULT_HELDOUT, class_names: Sequence[str] = CLAS
   return [caption(*key, class_names=class_names) for key in heldout_keys(n)]
 
 
+def garment_size(size: int) -> int:
+  """Side of the garment drawn on a size x size canvas: 28, or the quadrant when that is smaller."""
+  return min(GARMENT, size // 2)
+
+
+def resize_gray(gray: np.ndarray, side: int) -> np.ndarray:
+  """uint8 (side, side) Lanczos resize of a uint8 gray image (identity at its own size)."""
+  gray = np.asarray(gray, np.uint8)
+  if gray.shape == (side, side):
+    return gray
+  return np.asarray(Image.fromarray(gray).resize((side, side), Image.LANCZOS))
+
+
 def render(garment: np.ndarray, colour: int, bg: int, pos: int, size: int = 64) -> np.ndarray:
-  """uint8 (size, size, 3): the 28x28 gray garment blended in `colour` into quadrant `pos` on `bg`."""
+  """uint8 (size, size, 3): the gray garment (28x28) blended in `colour` into quadrant `pos` on
+  `bg`, resized to garment_size(size)."""
   check_size(size)
-  g = np.asarray(garment, np.float64)[:, :, None] / 255.0
+  side = garment_size(size)
+  g = resize_gray(garment, side).astype(np.float64)[:, :, None] / 255.0
   tile = COLOUR_RGB[bg] * (1.0 - g) + COLOUR_RGB[colour] * g
   out = np.empty((size, size, 3), np.uint8)
   out[:] = COLOUR_RGB[bg].astype(np.uint8)
   top, left = quadrant_origin(pos, size)
-  off = (size // 2 - GARMENT) // 2
-  out[top + off:top + off + GARMENT, left + off:left + off + GARMENT] = np.rint(tile).astype(np.uint8)
+  off = (size // 2 - side) // 2
+  out[top + off:top + off + side, left + off:left + off + side] = np.rint(tile).astype(np.uint8)
   return out
 
 
@@ -107,9 +128,9 @@ def quadrant_origin(pos: int, size: int) -> tuple[int, int]:
 
 
 def check_size(size: int):
-  if size % 2 or size < 2 * GARMENT:
-    raise ValueError(f"captioned Fashion-MNIST needs an even square image size >= {2 * GARMENT} "
-                     f"(56 or 64), got {size}")
+  if size % 2 or size < MIN_SIZE:
+    raise ValueError(f"captioned Fashion-MNIST needs an even square image size >= {MIN_SIZE} "
+                     f"(e.g. 32, 56 or 64), got {size}")
 
 
 class CaptionedFashionMNIST:

@@ -1,6 +1,6 @@
 """Faithfulness of text-to-image samples of the captioned Fashion-MNIST demo to their captions.
 
-Each sample (uint8 (S, S, 3), S even >= 56, 64 in the demo) is checked against its parsed caption
+Each sample (uint8 (S, S, 3), S even >= 32, 32 in the demo) is checked against its parsed caption
 ("a red sneaker on a blue background, top left", see ``data.captioned_fmnist``):
 
   background  the median colour of the image (the garment covers < 1/5 of it) is nearest, among
@@ -11,8 +11,9 @@ Each sample (uint8 (S, S, 3), S even >= 56, 64 in the demo) is checked against i
               mean squared residual of p ~ bg + a (c - bg), a in [0, 1]. A plain mean colour is
               pulled towards the background by the garment's shading and anti-aliasing; the blend
               line is how the data set draws garments.
-  garment     the quadrant's centre 28x28 as a Fashion-MNIST-like gray image (distance from the
-              background / its maximum, x 255) is classified as the named class by the
+  garment     the quadrant's centre garment_size(S) square as a Fashion-MNIST-like gray image
+              (distance from the background / its maximum, x 255; resized to 28x28 when
+              smaller, as the data set resized it down) is classified as the named class by the
               project's Fashion-MNIST CNN (``fmnist_classifier``, cached in ~/.cache/pixeldit_jax)
   all         every check passes
 
@@ -82,8 +83,10 @@ def analyse(image: np.ndarray) -> dict:
     mask = q_dist >= GARMENT_FRACTION * scale
     colour = _blend_colour(q_pix[mask], bg)
   gray = np.clip(q_dist / max(scale, MIN_GARMENT_DISTANCE), 0.0, 1.0) * 255.0
-  off = (half - cf.GARMENT) // 2
-  gray = np.rint(gray[off:off + cf.GARMENT, off:off + cf.GARMENT]).astype(np.uint8)
+  side = cf.garment_size(size)
+  off = (half - side) // 2
+  gray = np.rint(gray[off:off + side, off:off + side]).astype(np.uint8)
+  gray = cf.resize_gray(gray, cf.GARMENT)
   return {"background": int(_nearest_colour(bg)), "position": pos, "colour": colour, "gray": gray}
 
 

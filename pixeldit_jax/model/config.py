@@ -25,6 +25,10 @@ class PixelDiTConfig:
   # (Gemma-2-2B: 2304) go through Linear(text_dim -> D) -> RMSNorm and MM-DiT joint attention.
   text_dim: Optional[int] = None
   text_length: int = 300  # slots of the learned text position embedding (the max text tokens)
+  # Not in the released model (off there): Linear(text_dim -> D) of the mean text embedding added
+  # to the adaLN condition of the MM-DiT blocks, SD3's pooled-text vector. The small CPU demo uses
+  # it: the caption then reaches every block's modulation, not only the joint attention.
+  text_pooled_cond: bool = False
   # Patch level (semantic DiT).
   hidden_size: int = 1152  # D
   num_heads: int = 16
@@ -68,6 +72,8 @@ class PixelDiTConfig:
         errors.append(f"text_length must be >= 1, got {self.text_length}")
       if self.pixel_depth < 1 or self.patch_depth < 1:
         errors.append("the text-to-image model needs patch_depth >= 1 and pixel_depth >= 1")
+    elif self.text_pooled_cond:
+      errors.append("text_pooled_cond needs the text-to-image model (set text_dim)")
     if self.pixel_depth > 0:
       if self.attn_size % self.pixel_heads:
         errors.append(

@@ -52,7 +52,7 @@ def forward_flops(cfg: PixelDiTConfig, height: int, width: int,
   if cfg.is_text_to_image:
     n_txt = cfg.text_length if text_tokens is None else text_tokens
     n = n_patch + n_txt  # per-stream linears cost the same per token as one stream over all tokens
-    f["text_embed"] = _linear(n_txt, cfg.text_dim, d)
+    f["text_embed"] = _linear(n_txt, cfg.text_dim, d) + cfg.text_pooled_cond * _linear(1, cfg.text_dim, d)
     f["patch_blocks"] = cfg.patch_depth * (2 * _linear(1, d, 6 * d) + _attention(n, d)
                                            + 3 * _linear(n, d, cfg.swiglu_hidden))
   else:

@@ -7,6 +7,8 @@ learned position embedding and take part in the joint attention of every MM-DiT 
 last block the text stream is dropped and s_cond = SiLU(s_N + t_emb) conditions the PiT blocks,
 exactly as in the class-conditional model. There is no class or pooled-text vector: the adaLN
 condition is SiLU(t_emb) alone, and there is no attention mask (padded text tokens attend too).
+(``text_pooled_cond``, off in the released model, adds a projection of the mean text embedding
+to t_emb in the MM-DiT condition, as SD3 does with its pooled text vector.)
 
 The model knows nothing of the diffusion convention: t goes through the max_period-10 sinusoid
 as given (the T2I convention passes sigma * 1000, spec §7.4).
@@ -53,6 +55,8 @@ class PixelDiTT2I(nnx.Module):
     self.t_embedder = layers.TimestepEmbedder(d, **kw)
     self.text_embed = TextEmbedder(cfg.text_dim, d, **kw)
     # Learned absolute text positions, N(0, 1) (official `y_pos_embedding`, stored there as (1, T, D)).
+    self.text_pool = (layers.linear(cfg.text_dim, d, ("text_in", "embed"), **kw)
+                      if cfg.text_pooled_cond else None)
     self.text_pos = nnx.Param(jax.random.normal(rngs.params(), (cfg.text_length, d), param_dtype),
                               out_sharding=("text", "embed"), eager_sharding=False)
     self.patch_blocks = layers.stack_blocks(lambda r: MMDiTBlock(cfg, rngs=r), cfg.patch_depth, rngs)
@@ -86,7 +90,10 @@ class PixelDiTT2I(nnx.Module):
     p, n_txt = cfg.patch_size, text.shape[1]
 
     t_emb = self.t_embedder(t)[:, None, :]  # (B, 1, D)
-    cond = nnx.silu(t_emb)  # the only adaLN input of both streams
+    if self.text_pool is None:
+      cond = nnx.silu(t_emb)  # the only adaLN input of both streams
+    else:
+      cond = nnx.silu(t_emb + self.text_pool(jnp.mean(text.astype(jnp.float32), axis=1))[:, None, :])
     txt = self.text_embed(text)
     txt = txt + self.text_pos[:n_txt].astype(txt.dtype)
 
