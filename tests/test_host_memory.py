@@ -54,3 +54,25 @@ def test_cli_restarts_with_tunables(tmp_path, switch):
     assert set(host_memory.TUNABLES) <= {t.split("=")[0] for t in tunables.split(":")}
   else:
     assert tunables == ""
+
+
+def test_cpu_hosts_skip_the_tpu_probe(tmp_path):
+  from pixeldit_jax import no_tpu
+  sysfs, dev = tmp_path / "pci", tmp_path / "dev"
+  (sysfs / "0000:00:04.0").mkdir(parents=True)
+  (sysfs / "0000:00:04.0" / "vendor").write_text("0x1af4\n")  # a virtio device
+  dev.mkdir()
+  kw = dict(sysfs=str(sysfs), dev=str(dev), libtpu_installed=True)
+  env = {}
+  assert no_tpu.cpu_only_env("pixeldit_jax.main", env, **kw) and env == {"JAX_PLATFORMS": "cpu"}
+  for module in ("pixeldit_jax.aot", "other.tool", None):  # the AOT tool needs libtpu; not ours
+    assert not no_tpu.cpu_only_env(module, {}, **kw)
+  env = {"JAX_PLATFORMS": ""}  # the user's choice stays, even an empty one
+  assert not no_tpu.cpu_only_env("pixeldit_jax.sample", env, **kw) and env == {"JAX_PLATFORMS": ""}
+  assert not no_tpu.cpu_only_env("pixeldit_jax.main", {}, **dict(kw, libtpu_installed=False))
+  (dev / "nvidia0").write_text("")
+  assert not no_tpu.cpu_only_env("pixeldit_jax.main", {}, **kw)  # a GPU host
+  (dev / "nvidia0").unlink()
+  (sysfs / "0000:00:05.0").mkdir()
+  (sysfs / "0000:00:05.0" / "vendor").write_text("0x1ae0\n")  # a TPU chip
+  assert not no_tpu.cpu_only_env("pixeldit_jax.main", {}, **kw)
