@@ -413,6 +413,8 @@ _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "col
                 "collective-broadcast", "ragged-all-to-all")
 # Host callbacks (jax.debug.print, io_callback, pure_callback) and host memory offload.
 _HOST_TARGETS = re.compile(r'custom_call_target="([^"]*(?:callback|Callback|MoveToHost|MoveToDevice)[^"]*)"')
+# Pallas/Mosaic kernels compiled into the program (the splash attention kernels on TPU).
+_MOSAIC_TARGET = 'custom_call_target="tpu_custom_call"'
 
 
 def _group_sizes(line: str) -> Optional[set]:
@@ -436,7 +438,7 @@ def hlo_summary(hlo_text: str) -> dict:
   (send/recv/infeed/outfeed and host callbacks) apart from multi-slice DCN transfers (send/recv
   that libtpu's megascale runtime carries), and every all-gather's result shapes and groups."""
   ops: dict = {}
-  gathers, host, dcn = [], [], {}
+  gathers, host, dcn, kernels = [], [], {}, 0
   for line in hlo_text.splitlines():
     m = _OP.match(line)
     if not m:
@@ -462,7 +464,10 @@ def hlo_summary(hlo_text: str) -> dict:
       host.append(line.strip()[:160])
     elif base == "custom-call" and _HOST_TARGETS.search(line):
       host.append(line.strip()[:160])
-  return {"collectives": ops, "host_transfers": host, "dcn_transfers": dcn, "all_gathers": gathers}
+    elif base == "custom-call" and _MOSAIC_TARGET in line:
+      kernels += 1
+  return {"collectives": ops, "host_transfers": host, "dcn_transfers": dcn, "all_gathers": gathers,
+          "mosaic_kernels": kernels}
 
 
 def unexpected_gathers(summary: dict, param_sizes: set, group_size: int) -> list:
@@ -552,6 +557,7 @@ def check(config, topo: Topology, devices=None, *, mfu: float = 0.4, sampler: bo
     bad = unexpected_gathers(summary, param_sizes(config), mesh.shape["fsdp"])
     out["hlo"] = {"collectives": summary["collectives"], "host_transfers": summary["host_transfers"],
                   "dcn_transfers": summary["dcn_transfers"],
+                  "mosaic_kernels": summary["mosaic_kernels"],
                   "all_gathers": len(summary["all_gathers"]),
                   "all_gather_group_sizes": sorted({n for g in summary["all_gathers"]
                                                     for n in (g["group_sizes"] or {0})}),
@@ -616,7 +622,8 @@ def format_report(r: dict) -> str:
         + f"; {h['all_gathers'] - len(h['unexpected_all_gathers'])} of {h['all_gathers']} all-gathers are "
         "FSDP parameter gathers; host transfers: " + (str(len(h["host_transfers"])) if h["host_transfers"] else "none")
         + ("; DCN (megascale) " + ", ".join(f"{k} x{v}" for k, v in h["dcn_transfers"].items())
-           if h["dcn_transfers"] else ""))
+           if h["dcn_transfers"] else "")
+        + f"; {h.get('mosaic_kernels', 0)} Pallas kernel calls (splash attention)")
   lines.append(f"  at {100 * r['mfu']:.0f}% MFU: {r['implied_step_s']:.3f} s per step, "
                f"{r['implied_images_per_s_per_chip']:.1f} images/s per chip")
   return "\n".join(lines)

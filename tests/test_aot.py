@@ -110,6 +110,9 @@ def test_tiny_on_v5e_4_fits_with_memory_flops_and_clean_hlo(tmp_path):
   assert r["implied_step_s"] == pytest.approx(r["train_flops_per_step"] / (4 * 197e12 * 0.4))
   h = r["hlo"]
   assert h["host_transfers"] == [] and h["dcn_transfers"] == {}
+  # attention_impl None picks splash on TPU: Pallas kernels (forward, dq, dkv) for the patch-block
+  # and the PiT attention at least.
+  assert h["mosaic_kernels"] >= 2 * 3
   # Every all-gather runs within the fsdp axis's groups, and most are FSDP parameter gathers.
   assert h["all_gather_group_sizes"] == [4]
   assert h["all_gathers"] > 2 * len(h["unexpected_all_gathers"])

@@ -55,7 +55,9 @@ class PixelDiTConfig:
   # True: one traced block body run by a loop (compile time independent of depth). False unrolls
   # the loop at compile time: same parameters, ~30% faster steps on CPU for small models.
   scan_layers: bool = True
-  attention_impl: Optional[str] = None  # None (let JAX choose), "xla" or "cudnn"
+  # None: per backend (splash on TPU, cuDNN on GPU where it fits, else XLA); "xla", "cudnn" or
+  # "splash" force one (model/attention.py).
+  attention_impl: Optional[str] = None
 
   def __post_init__(self):
     errors = []
@@ -90,8 +92,8 @@ class PixelDiTConfig:
       errors.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
     if self.param_dtype not in ("float32", "bfloat16"):
       errors.append(f"param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
-    if self.attention_impl not in (None, "xla", "cudnn"):
-      errors.append(f"attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
+    if self.attention_impl not in (None, "xla", "cudnn", "splash"):
+      errors.append(f"attention_impl must be None, 'xla', 'cudnn' or 'splash', got {self.attention_impl!r}")
     if errors:
       raise ValueError("Invalid PixelDiT model config:\n  - " + "\n  - ".join(errors))
 

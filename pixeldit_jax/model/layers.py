@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixeldit_jax.model import attention
+
 Axes = Sequence[Optional[str]]
 LAYERS_AXIS = "layers"  # logical name of the leading axis of scanned (stacked) blocks
 
@@ -249,7 +251,7 @@ class RotaryAttention(nnx.Module):
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     q = apply_rope(self.q_norm(q), *rope)
     k = apply_rope(self.k_norm(k), *rope)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    out = attention.attention(q, k, v, self.attention_impl)
     return self.proj(out.reshape(*lead, n, dim))
 
 

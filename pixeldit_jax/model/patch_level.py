@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixeldit_jax.model import layers
+from pixeldit_jax.model import attention, layers
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:
@@ -118,8 +118,7 @@ class JointAttention(nnx.Module):
     qx, kx, vx = _rotary_qkv(self.img, x, rope_img)
     qy, ky, vy = _rotary_qkv(self.txt, y, rope_txt)
     cat = lambda a, b: jnp.concatenate([a, b], axis=-3)  # text first, along the token axis
-    out = jax.nn.dot_product_attention(cat(qy, qx), cat(ky, kx), cat(vy, vx),
-                                       implementation=self.attention_impl)
+    out = attention.attention(cat(qy, qx), cat(ky, kx), cat(vy, vx), self.attention_impl)
     out = out.reshape(*out.shape[:-2], -1)
     n_txt = y.shape[-2]
     return self.img.proj(out[..., n_txt:, :]), self.txt.proj(out[..., :n_txt, :])
