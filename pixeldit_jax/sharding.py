@@ -155,6 +155,13 @@ def use(mesh: Mesh, rules):
     yield
 
 
+def current_batch_axes(mesh) -> tuple:
+  """The mesh axes (of size > 1) the batch is split over under the current rules (``use``;
+  DEFAULT_RULES when none are set)."""
+  axes = dict(core_spmd.get_logical_axis_rules() or DEFAULT_RULES).get(BATCH)
+  return tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape.get(a, 1) > 1)
+
+
 def constrain_batch(tree):
   """Pin the leading (batch) dimension of every array in `tree` to the batch axes of the current
   mesh and rules (``use``; DEFAULT_RULES when none are set), the rest unsharded; unchanged without
@@ -165,8 +172,7 @@ def constrain_batch(tree):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return tree
-  axes = dict(core_spmd.get_logical_axis_rules() or DEFAULT_RULES).get(BATCH)
-  axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape.get(a, 1) > 1)
+  axes = current_batch_axes(mesh)
   if not axes:
     return tree
   lead = axes[0] if len(axes) == 1 else axes

@@ -24,8 +24,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from flax.core import spmd as core_spmd
 from jax.sharding import PartitionSpec as P
+
+from pixeldit_jax import sharding
 
 LANES = 128  # splash's sequence block granularity
 
@@ -61,10 +62,7 @@ def _sharded_splash(q, k, v):
   interpret = (mesh_platform() or jax.default_backend()) != "tpu"
   if mesh.empty:
     return splash(q, k, v, interpret=interpret)
-  rules = dict(core_spmd.get_logical_axis_rules() or ())
-  batch_axes = rules.get("batch", ("data", "fsdp"))
-  batch_axes = tuple(a for a in ((batch_axes,) if isinstance(batch_axes, str) else (batch_axes or ()))
-                     if mesh.shape.get(a, 1) > 1)
+  batch_axes = sharding.current_batch_axes(mesh)
   if q.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
     batch_axes = ()  # a batch the axes do not divide (one image to edit): not split
   heads = "tensor" if mesh.shape.get("tensor", 1) > 1 and q.shape[2] % mesh.shape["tensor"] == 0 else None
