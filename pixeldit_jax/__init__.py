@@ -10,6 +10,5 @@ if getattr(_sys, "argv", [""])[:1] == ["-m"]:  # `python -m pixeldit_jax.<comman
   from pixeldit_jax import host_memory as _host_memory
   from pixeldit_jax import no_tpu as _no_tpu
 
-  _argv = list(getattr(_sys, "orig_argv", None) or [])
-  _no_tpu.cpu_only_env(_argv[_argv.index("-m", 1) + 1] if "-m" in _argv[1:-1] else None, _os.environ)
+  _no_tpu.cpu_only_env(_host_memory.cli_module(), _os.environ)
   _host_memory.restart_cli_if_needed()

@@ -53,16 +53,20 @@ def needs_restart(env: Optional[Mapping[str, str]] = None) -> bool:
   return not set(TUNABLES) <= set(_parse(env.get("GLIBC_TUNABLES", "")))
 
 
+def cli_module() -> Optional[str]:
+  """The module of `python -m <module> ...`, from the interpreter's own argv; None otherwise."""
+  argv = list(getattr(sys, "orig_argv", None) or [])
+  return argv[argv.index("-m", 1) + 1] if "-m" in argv[1:-1] else None
+
+
 def restart_cli_if_needed() -> None:
   """Re-execute `python -m <one of CLI_MODULES> ...` with the tunables; call before importing JAX.
 
   Only for those commands, recognised from the interpreter's own argv (a script that imports
   the package is left alone). The process keeps its PID, so launchers and signals still apply.
   """
-  argv = list(getattr(sys, "orig_argv", None) or [])
-  module = argv[argv.index("-m", 1) + 1] if "-m" in argv[1:-1] else None
-  if module not in CLI_MODULES or not needs_restart():
+  if cli_module() not in CLI_MODULES or not needs_restart():
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable] + argv[1:], environ())
+  os.execve(sys.executable, [sys.executable] + list(sys.orig_argv)[1:], environ())

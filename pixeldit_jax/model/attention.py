@@ -40,8 +40,13 @@ def mesh_platform() -> Optional[str]:
   return getattr(device, "platform", None)
 
 
+def platform() -> str:
+  """Where the traced program will run: the mesh's devices, else the default backend."""
+  return mesh_platform() or jax.default_backend()
+
+
 def resolve(impl: Optional[str]) -> Optional[str]:
-  if impl is None and (mesh_platform() or jax.default_backend()) == "tpu":
+  if impl is None and platform() == "tpu":
     return "splash"
   return impl
 
@@ -59,7 +64,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: Optional[str] = No
 
 def _sharded_splash(q, k, v):
   mesh = jax.sharding.get_abstract_mesh()
-  interpret = (mesh_platform() or jax.default_backend()) != "tpu"
+  interpret = platform() != "tpu"
   if mesh.empty:
     return splash(q, k, v, interpret=interpret)
   batch_axes = sharding.current_batch_axes(mesh)
