@@ -4,9 +4,9 @@ All attention in the model (patch blocks, MM-DiT joint attention, compacted PiT 
 unmasked softmax(q k^T / sqrt(D)) v over (B, L, H, D) arrays. ``attention_impl``:
 
   None      per backend: splash attention (the Pallas TPU kernel) when the current mesh is made
-            of TPU devices, else ``jax.nn.dot_product_attention``'s own choice (cuDNN on GPU
-            where it supports the shapes, XLA otherwise)
-  "xla"     XLA's softmax(q k^T) v
+            of TPU devices, on the CPU ``head_major`` below, else ``jax.nn.dot_product_attention``'s
+            own choice (cuDNN on GPU where it supports the shapes, XLA otherwise)
+  "xla"     XLA's softmax(q k^T) v (``head_major`` on the CPU)
   "cudnn"   cuDNN's fused kernel (GPU only)
   "splash"  the splash kernel, also off TPU (in Pallas' interpreter: for tests only)
 
@@ -54,12 +54,28 @@ def resolve(impl: Optional[str]) -> Optional[str]:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: Optional[str] = None) -> jax.Array:
   """softmax(q k^T / sqrt(D)) v for (..., L, H, D) inputs, no mask."""
   impl = resolve(impl)
+  if impl in (None, "xla") and platform() == "cpu":
+    return head_major(q, k, v)
   if impl != "splash":
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
   lead = q.shape[:-3]
   flat = lambda a: a.reshape(-1, *a.shape[-3:])
   out = _sharded_splash(flat(q), flat(k), flat(v))
   return out.reshape(*lead, *out.shape[-3:])
+
+
+def head_major(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """XLA's attention with the heads moved next to the batch first, (..., H, L, D).
+
+  The same products as ``jax.nn.dot_product_attention(implementation="xla")`` (logits scaled
+  after q k^T, fp32 softmax), but each is a plain batched (L, D) x (D, L) matmul: on the CPU the
+  (..., L, H, D) einsums ran the forward 1.4x and the gradient 1.5x slower (2 x 256 tokens,
+  12 heads of 64)."""
+  heads_first = lambda a: jnp.swapaxes(a, -3, -2)
+  logits = jnp.einsum("...qd,...kd->...qk", heads_first(q), heads_first(k))
+  logits = logits.astype(jnp.float32) * jnp.float32(1.0 / math.sqrt(q.shape[-1]))
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return heads_first(jnp.einsum("...qk,...kd->...qd", weights, heads_first(v)))
 
 
 def _sharded_splash(q, k, v):
