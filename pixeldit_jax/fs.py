@@ -19,7 +19,9 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from typing import IO, Iterator, Union
 
 import numpy as np
@@ -41,10 +43,48 @@ def is_remote(path: PathLike) -> bool:
   return "://" in os.fspath(path)
 
 
+class RemoteUnreachable(ConnectionError):
+  """Cloud Storage cannot be reached at all (no network, no DNS): said in one line."""
+
+
+_REACHED: set = set()
+_PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _gcs_endpoint() -> tuple[str, int]:
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  if emulator:
+    u = urllib.parse.urlsplit(emulator if "://" in emulator else "http://" + emulator)
+    return u.hostname or "localhost", u.port or (443 if u.scheme == "https" else 80)
+  return "storage.googleapis.com", 443
+
+
+def check_reachable(url: str, timeout_s: float = 10.0) -> None:
+  """Raise RemoteUnreachable at once when a ``gs://`` URL's endpoint cannot be connected to.
+
+  Without this, gcsfs retries a failed DNS lookup for ~40 s, logs a traceback per retry, and the
+  caller then sees a missing file or directory, not the missing network. Checked once per
+  endpoint and process; skipped behind a proxy (the direct connection would prove nothing)."""
+  if not url.startswith("gs://") or any(os.environ.get(k) for k in _PROXY_ENV):
+    return
+  host, port = _gcs_endpoint()
+  if (host, port) in _REACHED:
+    return
+  try:
+    socket.create_connection((host, port), timeout=timeout_s).close()
+  except OSError as e:
+    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    raise RemoteUnreachable(
+        f"cannot reach Cloud Storage for {url}: connecting to {host}:{port} failed ({reason}); "
+        "check this machine's network, or give a local path") from None
+  _REACHED.add((host, port))
+
+
 def path(p: PathLike) -> epath.Path:
   """An epath for `p`: local paths are made absolute (``~`` expanded), URLs are kept as given."""
   s = os.fspath(p)
   if is_remote(s):
+    check_reachable(s)
     return epath.Path(s)
   return epath.Path(os.path.abspath(os.path.expanduser(s)))
 

@@ -7,9 +7,11 @@ import io
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -147,6 +149,43 @@ def test_sampler_without_a_checkpoint_is_one_line(tmp_path):
   assert r.returncode == 2 and r.stderr == f"error: No checkpoint directory at {tmp_path}/none\n", r.stderr
   r = run("pixeldit_jax.sample", "--config=fashion_mnist.py")
   assert r.returncode == 2 and r.stderr.startswith("error: give exactly one of --workdir"), r.stderr
+
+
+def _closed_port() -> int:
+  with socket.socket() as s:  # bound, never listening: connecting is refused at once
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_unreachable_cloud_storage_is_one_line_at_once(tmp_path):
+  # No network (here: an emulator address nothing listens on): one line naming the URL and the
+  # endpoint, within seconds, not gcsfs's ~40 s of retries and logged tracebacks first.
+  env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{_closed_port()}"}
+  for module, args in [("pixeldit_jax.sample", ["--config=fashion_mnist.py", "--checkpoint=gs://bkt/run/checkpoints"]),
+                       ("pixeldit_jax.main", ["--config=configs/tiny.py", "--workdir=gs://bkt/run"])]:
+    start = time.monotonic()
+    r = run(module, *args, env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: cannot reach Cloud Storage for gs://bkt/run") and r.stderr.count("\n") == 1, r.stderr
+    assert "127.0.0.1" in r.stderr and time.monotonic() - start < 60
+
+
+def test_reachability_is_checked_once_per_endpoint_and_not_behind_a_proxy(monkeypatch):
+  from pixeldit_jax import cli, fs
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_closed_port()}")
+  with pytest.raises(fs.RemoteUnreachable) as e:
+    fs.check_reachable("gs://bkt/x")
+  assert cli.is_expected(e.value)
+  fs.check_reachable("/local/path")  # local paths are never checked
+  monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+  fs.check_reachable("gs://bkt/x")  # behind a proxy a direct connection proves nothing
+  monkeypatch.delenv("HTTPS_PROXY")
+  with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.getsockname()[1]}")
+    fs.check_reachable("gs://bkt/x")
+  fs.check_reachable("gs://bkt/y")  # reached once: not connected again
 
 
 @contextlib.contextmanager
