@@ -69,9 +69,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
                     projector_graphdef: Optional[nnx.GraphDef] = None,
                     teacher: Optional[Teacher] = None,
                     encode_text: Optional[Callable] = None):
-  """(state, batch, frozen) -> (state, metrics). A non-finite loss, gradient or update leaves the
-  weights, EMA and optimizer state as they were (the update is skipped; metrics["finite"] is
-  False) and records the step; the loop stops or continues per config.
+  """(state, batch, frozen) -> (state, metrics). A non-finite loss, gradient or learning rate
+  (with CAME also a non-finite new state) leaves the weights, EMA and optimizer state as they
+  were (the update is skipped; metrics["finite"] is False) and records the step; the loop stops
+  or continues per config. An AdamW update that overflows from finite inputs is reported the same
+  way but not undone (see `train_step`).
 
   `encode_text(params, ids, mask) -> (emb, mask)` is the frozen text encoder for batches that carry
   tokens. REPA is on when config.repa.weight > 0 (then `projector_graphdef` and `teacher` are set).
