@@ -128,7 +128,9 @@ def _official_worker(cfg: dict, what: str, compiled: bool, steps: int, warmup: i
               glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
 
 
-def _ours_worker(cfg_name: str, what: str, steps: int, warmup: int, scan: bool):
+def ours_step(cfg_name: str, what: str, scan: bool = False):
+  """(step, compiled_text): one call of our train step or sampling forward, and the compiled HLO
+  text of that program (bench/matmul_floor.py reads its products)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
@@ -155,19 +157,26 @@ def _ours_worker(cfg_name: str, what: str, steps: int, warmup: int, scan: bool):
 
     def step():
       jax.block_until_ready(fwd(*args))
-  else:
-    tx = optimizer.make(config.train)
-    graphdef = nnx.graphdef(abstract(model_cfg))
-    holder = [jax.jit(lambda: state_lib.init(model_cfg, tx, 0))()]
-    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, config), donate_argnums=(0,))
-    batch = {"image": jnp.asarray(rng.integers(0, 256, (b, h, w, 3), np.uint8)),
-             "label": jnp.asarray(rng.integers(0, NUM_CLASSES, (b,), np.int32)),
-             "skipped": jnp.zeros((b,), jnp.int32), "converted": jnp.zeros((b,), jnp.int32)}
 
-    def step():
-      holder[0], metrics = train_step(holder[0], batch, {})
-      jax.block_until_ready(metrics)
+    return step, lambda: fwd.lower(*args).compile().as_text()
+  tx = optimizer.make(config.train)
+  graphdef = nnx.graphdef(abstract(model_cfg))
+  holder = [jax.jit(lambda: state_lib.init(model_cfg, tx, 0))()]
+  train_step = jax.jit(step_lib.make_train_step(graphdef, tx, config), donate_argnums=(0,))
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (b, h, w, 3), np.uint8)),
+           "label": jnp.asarray(rng.integers(0, NUM_CLASSES, (b,), np.int32)),
+           "skipped": jnp.zeros((b,), jnp.int32), "converted": jnp.zeros((b,), jnp.int32)}
 
+  def step():
+    holder[0], metrics = train_step(holder[0], batch, {})
+    jax.block_until_ready(metrics)
+
+  return step, lambda: train_step.lower(holder[0], batch, {}).compile().as_text()
+
+
+def _ours_worker(cfg_name: str, what: str, steps: int, warmup: int, scan: bool):
+  import jax  # noqa: PLC0415
+  step, _ = ours_step(cfg_name, what, scan)
   times = time_steps(step, steps, warmup)
   return dict(times=times, version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
               glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
