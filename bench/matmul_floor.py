@@ -25,10 +25,14 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+import vs_official  # noqa: E402 - the benchmark of record's settings
+from train_throughput import timed  # noqa: E402
 
 _DOT = re.compile(r"= \w+\[[\d,]*\]\{[\d,]*\} dot\(%([\w.\-]+), %([\w.\-]+)\), (.*?)metadata")
 _SHAPE = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
@@ -55,23 +59,11 @@ def dot_flops(key) -> int:
   return 2 * int(np.prod(lhs)) * int(np.prod([n for i, n in enumerate(rhs) if i not in rc and i not in rb]))
 
 
-def best_time(fn, *args, repeats: int = 10, rounds: int = 3) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(rounds):
-    start = time.perf_counter()
-    for _ in range(repeats):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - start) / repeats)
-  return best
-
-
 def time_dot(key) -> float:
   lhs, rhs, lc, rc, lb, rb = key
   k = jax.random.PRNGKey(0)
   a, b = jax.random.normal(k, lhs, jnp.float32), jax.random.normal(jax.random.fold_in(k, 1), rhs, jnp.float32)
-  return best_time(jax.jit(lambda x, y: jax.lax.dot_general(x, y, ((lc, rc), (lb, rb)))), a, b)
+  return timed(jax.jit(lambda x, y: jax.lax.dot_general(x, y, ((lc, rc), (lb, rb)))), a, b, repeats=10)
 
 
 def main() -> int:
@@ -83,8 +75,6 @@ def main() -> int:
   ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "matmul_floor.json"))
   args = ap.parse_args()
 
-  sys.path.insert(0, os.path.join(ROOT, "bench"))
-  import vs_official  # noqa: PLC0415 - the benchmark of record's settings
   step, compiled_text = vs_official.ours_step(args.size, args.what)
   for _ in range(3):
     step()

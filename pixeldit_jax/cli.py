@@ -41,10 +41,6 @@ _EXPECTED: list[type] = [UserError, FileNotFoundError, NotADirectoryError, IsADi
                          FileExistsError, KeyError, ValueError, ImportError]
 
 
-def _expected_classes() -> tuple:
-  from pixeldit_jax import fs  # noqa: PLC0415 - fs needs etils; cli must import without it
-  return tuple(_EXPECTED) + (fs.RemoteUnreachable,)
-
 
 def register(*classes: type) -> None:
   """Mark more exception classes as expected user errors (each module registers its own)."""
@@ -68,7 +64,7 @@ def disk_problem(e: BaseException) -> Optional[str]:
 
 
 def is_expected(e: BaseException) -> bool:
-  return isinstance(e, _expected_classes()) or disk_problem(e) is not None
+  return isinstance(e, tuple(_EXPECTED)) or disk_problem(e) is not None
 
 
 def message(e: BaseException) -> str:

@@ -27,6 +27,8 @@ from typing import IO, Iterator, Union
 import numpy as np
 from etils import epath
 
+from pixeldit_jax import cli
+
 PathLike = Union[str, os.PathLike, epath.Path]
 
 try:
@@ -45,6 +47,9 @@ def is_remote(path: PathLike) -> bool:
 
 class RemoteUnreachable(ConnectionError):
   """Cloud Storage cannot be reached at all (no network, no DNS): said in one line."""
+
+
+cli.register(RemoteUnreachable)  # entry points print it as one `error:` line
 
 
 _REACHED: set = set()
