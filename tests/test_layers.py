@@ -82,3 +82,34 @@ def test_torch_default_init_bounds(fan_in):
   bound = 1 / math.sqrt(fan_in)
   assert float(jnp.max(jnp.abs(w))) <= bound
   assert float(jnp.max(jnp.abs(w))) > 0.9 * bound
+
+
+@pytest.mark.parametrize("rows,din,dout", [
+    (16384, 16, 64),   # per-pixel MLP in: narrow input, narrow bias
+    (16384, 64, 16),   # per-pixel MLP out: narrow output
+    (16384, 3, 16),    # pixel embedding (K = 3)
+    (96, 48, 640),     # wide output (the AdaLN projection's shape class)
+    (96, 640, 48),     # wide input
+])
+def test_dense_gradients_match_autodiff(rows, din, dout):
+  # dense / dense_no_bias carry hand-written CPU gradients (transposes placed for XLA:CPU, bias
+  # sums by row width): they must equal autodiff's for every shape class they special-case.
+  import jax
+  k = np.random.default_rng(rows + din + dout)
+  x = jnp.asarray(k.standard_normal((2, rows // 2, din)), jnp.float32)
+  w = jnp.asarray(k.standard_normal((din, dout)) / np.sqrt(din), jnp.float32)
+  b = jnp.asarray(k.standard_normal((dout,)), jnp.float32)
+  probe = jnp.asarray(k.standard_normal((2, rows // 2, dout)), jnp.float32)
+
+  def loss(f):
+    return lambda *a: jnp.sum(jnp.tanh(f(*a)) * probe)
+
+  ours = jax.jit(jax.grad(loss(layers.dense), argnums=(0, 1, 2)))(x, w, b)
+  ref = jax.jit(jax.grad(loss(lambda x, w, b: x @ w + b), argnums=(0, 1, 2)))(x, w, b)
+  for name, a, r in zip(("dx", "dw", "db"), ours, ref):
+    assert a.shape == r.shape, name
+    np.testing.assert_allclose(a, r, rtol=2e-5, atol=2e-5 * float(jnp.abs(r).max()), err_msg=name)
+  ours = jax.jit(jax.grad(loss(layers.dense_no_bias), argnums=(0, 1)))(x, w)
+  ref = jax.jit(jax.grad(loss(lambda x, w: x @ w), argnums=(0, 1)))(x, w)
+  for a, r in zip(ours, ref):
+    np.testing.assert_allclose(a, r, rtol=2e-5, atol=2e-5 * float(jnp.abs(r).max()))

@@ -54,27 +54,30 @@ def normal(std: float) -> nnx.Initializer:
 def _cpu_dense_grads(x2, w, g2):
   """(dx, dw) of x2 @ w for row-major (N, in) x2 and (N, out) g2, as XLA:CPU runs fastest.
 
-  Autodiff's weight gradient contracts the token axis of both operands; XLA:CPU then writes one
-  of them transposed inside an elementwise fusion (25 ms for the 512 x 2048 SwiGLU activation at
-  256^2, ~10x a plain transpose) and runs the product outside its fast matmul library. Here the
-  narrower operand is transposed on its own (an optimization barrier keeps XLA from folding it
-  back into the product), so every product has the library's canonical (M, K) x (K, N) form.
+  Autodiff writes the weight gradient as x2.T @ g2 whatever the widths; XLA:CPU then transposes
+  the wider operand inside a fusion with its producer (25 ms for the 512 x 2048 SwiGLU
+  activation at 256^2, ~10x a plain transpose). Here the narrower operand is the transposed one,
+  as the left factor, so the product runs in the matmul library's (M, K) x (K, N) form. The
+  barriers keep XLA's algebraic simplifier from folding the transposes back into the product
+  (XLA:CPU drops barriers later, before fusion). The per-pixel layers (131072 x 16 at 256^2)
+  take the same path: tiny train step -8 ms, small -20 ms against 64 summed partial products.
   """
   dx = g2 @ w.T
-  rows = x2.shape[0]
-  if min(x2.shape[1], g2.shape[1]) <= 32 and rows % 64 == 0 and rows >= 64 * 256:
-    # Thin products over many rows (the per-pixel layers): 64 partial products summed. A
-    # transposed operand would be written by a fusion of its producer (the pixel-wise AdaLN
-    # modulation), reading the 24576-wide projection in transposed order: 15 ms at 256^2.
-    parts = jnp.einsum("nri,nrj->nij", x2.reshape(64, -1, x2.shape[1]), g2.reshape(64, -1, g2.shape[1]))
-    return dx, parts.sum(0)
+  bar = jax.lax.optimization_barrier
   if x2.shape[1] <= g2.shape[1]:
-    dw = jax.lax.optimization_barrier(x2.T) @ g2
-  else:
-    # The barrier on the product too: XLA would fold the final transpose into the product as a
-    # transposed operand, which ran at 115-170 instead of ~200 GFLOP/s.
-    dw = jax.lax.optimization_barrier(jax.lax.optimization_barrier(g2.T) @ x2).T
-  return dx, dw
+    return dx, bar(bar(x2).T) @ g2
+  return dx, bar(bar(bar(g2).T) @ x2).T
+
+
+def _cpu_bias_grad(g2):
+  """Column sums of (N, out) g2. XLA:CPU's reduction over rows is fast for narrow rows (the
+  per-pixel layers: 2.3 ms for 131072 x 64) and slow for wide ones (45 ms for the 512 x 24576
+  pixel-AdaLN gradient), where a product with a ones vector takes 2 ms. The narrow case as a
+  product took 6 ms at 256^2: small train step -23 ms."""
+  if g2.shape[1] <= 64:
+    return jnp.sum(g2, axis=0)
+  db = jnp.dot(jnp.ones((g2.shape[0],), g2.dtype), g2, preferred_element_type=jnp.float32)
+  return db.astype(g2.dtype)
 
 
 def _grads(x, w, g, bias: bool):
@@ -85,10 +88,7 @@ def _grads(x, w, g, bias: bool):
 
   def cpu(x2, w, g2):
     dx, dw = _cpu_dense_grads(x2, w, g2)
-    if not bias:
-      return dx, dw
-    db = jnp.dot(jnp.ones((g2.shape[0],), g2.dtype), g2, preferred_element_type=jnp.float32)
-    return dx, dw, db.astype(g2.dtype)
+    return (dx, dw, _cpu_bias_grad(g2)) if bias else (dx, dw)
 
   grads = jax.lax.platform_dependent(x2, w, g2, cpu=cpu, default=generic)
   return (grads[0].reshape(x.shape),) + tuple(grads[1:])
@@ -97,9 +97,8 @@ def _grads(x, w, g, bias: bool):
 @jax.custom_vjp
 def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   """x @ w + b over the last axis of x (w: (in, out)). The value is autodiff's; the gradient is
-  computed as XLA:CPU runs it fastest (``_cpu_dense_grads``, the bias gradient as a product
-  with ones: XLA:CPU's column sum of the 512 x 24576 pixel-AdaLN gradient took 45 ms, the
-  product 0.8 ms), and elsewhere as autodiff would."""
+  computed as XLA:CPU runs it fastest on the CPU (``_cpu_dense_grads``, ``_cpu_bias_grad``),
+  and elsewhere as autodiff would."""
   return x @ w + b
 
 
