@@ -136,7 +136,7 @@ def ours_step(cfg_name: str, what: str, scan: bool = False):
   import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from pixeldit_jax import config_lib  # noqa: PLC0415
+  from pixeldit_jax import config_lib, xla_options  # noqa: PLC0415
   from pixeldit_jax.model import abstract, build  # noqa: PLC0415
   from pixeldit_jax.train import optimizer, state as state_lib, step as step_lib  # noqa: PLC0415
 
@@ -151,7 +151,8 @@ def ours_step(cfg_name: str, what: str, scan: bool = False):
 
   if what == "forward":
     graphdef, params = nnx.split(build(model_cfg))
-    fwd = jax.jit(lambda p, x, t, y: nnx.merge(graphdef, p)(x, t, y))
+    # compiled as the sampling binary compiles its programs (xla_options.sampling)
+    fwd = jax.jit(lambda p, x, t, y: nnx.merge(graphdef, p)(x, t, y), compiler_options=xla_options.sampling())
     args = (params, jnp.asarray(rng.standard_normal((b, h, w, 3)), jnp.float32),
             jnp.asarray(rng.random(b), jnp.float32), jnp.asarray(rng.integers(0, NUM_CLASSES, b), jnp.int32))
 

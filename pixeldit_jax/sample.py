@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pixeldit_jax import checkpoint as ckpt_lib
-from pixeldit_jax import distributed, fs, images, sharding
+from pixeldit_jax import distributed, fs, images, sharding, xla_options
 from pixeldit_jax.diffusion import samplers
 from pixeldit_jax.model import abstract as abstract_model
 
@@ -255,8 +255,8 @@ def run_text(config, checkpoint_dir: str, out_dir, prompts: list[str], step=None
   cond = cond or conditioning_lib.TextConditioning(config)
   text = cond.embed(prompts)
   negative = cond.embed([negative_prompt], null=True)
-  fn = distributed.Synced(jax.jit(make_text_sample_batch(graphdef, s, (h, w, model_cfg.in_channels))),
-                         "text_sample_batch")
+  fn = distributed.Synced(jax.jit(make_text_sample_batch(graphdef, s, (h, w, model_cfg.in_channels)),
+                                  compiler_options=xla_options.sampling()), "text_sample_batch")
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, rules, a.ndim))
 
   def make_images(idx):
@@ -319,7 +319,8 @@ def run(config, checkpoint_dir: str, out_dir=None, step=None, out_root=None, lor
   batch_sharding = sharding.batch_sharding(mesh, rules, 1)
   fn = distributed.Synced(jax.jit(make_sample_batch(graphdef, s, (h, w, model_cfg.in_channels),
                                                     model_cfg.num_classes),
-                                  in_shardings=(param_shardings, batch_sharding, batch_sharding)),
+                                  in_shardings=(param_shardings, batch_sharding, batch_sharding),
+                                  compiler_options=xla_options.sampling()),
                           "sample_batch")
   put = lambda a: jax.make_array_from_process_local_data(batch_sharding, a[_local_slice(len(a))])
 

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pixeldit_jax import checkpoint as ckpt_lib
-from pixeldit_jax import cli, config_lib, data, distributed, fs, images, logs, sharding
+from pixeldit_jax import cli, config_lib, data, distributed, fs, images, logs, sharding, xla_options
 from pixeldit_jax import sample as sample_lib
 from pixeldit_jax.model import abstract as abstract_model
 from pixeldit_jax.model import lora as lora_lib
@@ -376,11 +376,13 @@ def _train(config, workdir: str, lock, max_steps: Optional[int]) -> dict:
     image_shape = (*config.image_size, model_cfg.in_channels)
     if cond.text:
       sample_fn = jax.jit(sample_lib.make_text_sample_batch(graphdef, grid_settings, image_shape),
-                          in_shardings=(state_shardings.params, None, None, None))
+                          in_shardings=(state_shardings.params, None, None, None),
+                          compiler_options=xla_options.sampling())
     else:
       sample_fn = jax.jit(sample_lib.make_sample_batch(graphdef, grid_settings, image_shape,
                                                        model_cfg.num_classes),
-                          in_shardings=(state_shardings.params, None, None))
+                          in_shardings=(state_shardings.params, None, None),
+                          compiler_options=xla_options.sampling())
     sample_fn = distributed.Synced(sample_fn, "sample_grid")
     h, w = config.image_size
     step_flops = 3 * config.batch_size * forward_flops(model_cfg, h, w)["total"]
