@@ -81,6 +81,34 @@ def test_lr_and_clip_step_down_and_warmup():
   assert float(clip(99)) == 1.0 and float(clip(100)) == 0.5
 
 
+def test_clip_is_torchs_clip_grad_norm():
+  # torch.nn.utils.clip_grad_norm_ (the official trainer's): g * min(1, max / (norm + 1e-6)).
+  grads = {"a": jnp.full((3, 4), 0.5, jnp.float32), "b": jnp.full((4,), 0.5, jnp.float32)}  # norm 2
+  clip = optimizer.clip_by_global_norm(1.0)
+  out, _ = clip.update(grads, clip.init(grads))
+  coef = np.float32(1.0) / (np.float32(2.0) + np.float32(1e-6))
+  np.testing.assert_array_equal(out["a"], np.full((3, 4), np.float32(0.5) * coef, np.float32))
+  np.testing.assert_array_equal(out["b"], np.full((4,), np.float32(0.5) * coef, np.float32))
+  # below the threshold the factor is exactly 1: the gradients pass through bit for bit
+  small = jax.tree.map(lambda g: g / 4, grads)
+  out, _ = clip.update(small, clip.init(small))
+  for k in small:
+    np.testing.assert_array_equal(out[k], small[k])
+  # just below: torch's +1e-6 already scales (optax's select would not)
+  near = jax.tree.map(lambda g: g * np.float32(0.4999999), grads)
+  out, _ = clip.update(near, clip.init(near))
+  assert float(out["b"][0]) < float(near["b"][0])
+  # under inject_hyperparams (the trainer's chain) the max norm follows the step-down schedule
+  t = config_lib.train_defaults()
+  t.update(dict(step_down_step=1, grad_clip=1.0, grad_clip_after_step_down=0.5))
+  tx = optimizer.make(t)
+  state = tx.init(grads)
+  upd, state = tx.update(grads, state, grads)
+  _, state2 = tx.update(grads, state, grads)
+  assert float(jnp.abs(upd["a"]).max()) > 0
+  assert float(state[0].hyperparams["max_norm"]) == 1.0 and float(state2[0].hyperparams["max_norm"]) == 0.5
+
+
 def test_lr_decay_after_warmup_to_the_floor():
   t = config_lib.train_defaults()
   t.update(dict(lr=1e-3, warmup_steps=10, num_steps=110, lr_decay="cosine", lr_min_ratio=0.1))

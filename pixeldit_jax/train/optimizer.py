@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -53,6 +54,29 @@ def clip_norm(tcfg) -> Callable:
   return _step_down(tcfg.grad_clip, tcfg.grad_clip_after_step_down, tcfg.step_down_step)
 
 
+def clip_by_global_norm(max_norm) -> optax.GradientTransformation:
+  """Global-norm clipping as torch.nn.utils.clip_grad_norm_ does it (the official trainer's
+  Lightning ``gradient_clip_algorithm: norm``): every gradient times
+  min(1, max_norm / (norm + 1e-6)), also just below the threshold.
+
+  optax.clip_by_global_norm instead selects between g and g / (norm / max_norm); XLA materialised
+  that clipped copy and read both it and g in each moment update (4 extra passes over every
+  gradient, 2% of the CPU train step at 256^2). One scalar factor fuses into the moment updates.
+  The state is optax's (empty), so checkpoints are unchanged.
+  """
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    coef = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+    return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
 def make(tcfg, stacked_axes=None, factored=None) -> optax.GradientTransformation:
   """The configured optimizer behind global-norm clipping.
 
@@ -61,7 +85,7 @@ def make(tcfg, stacked_axes=None, factored=None) -> optax.GradientTransformation
   `factored` optionally overrides which params are factored.
   """
   name = tcfg.get("optimizer", "adamw")
-  clip = optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=clip_norm(tcfg))
+  clip = optax.inject_hyperparams(clip_by_global_norm)(max_norm=clip_norm(tcfg))
   if name == "adamw":
     return optax.chain(clip, optax.adamw(learning_rate(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
                                          weight_decay=tcfg.weight_decay))
