@@ -41,7 +41,6 @@ _EXPECTED: list[type] = [UserError, FileNotFoundError, NotADirectoryError, IsADi
                          FileExistsError, KeyError, ValueError, ImportError]
 
 
-
 def register(*classes: type) -> None:
   """Mark more exception classes as expected user errors (each module registers its own)."""
   for c in classes:
