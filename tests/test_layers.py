@@ -113,3 +113,16 @@ def test_dense_gradients_match_autodiff(rows, din, dout):
   ref = jax.jit(jax.grad(loss(lambda x, w: x @ w), argnums=(0, 1)))(x, w)
   for a, r in zip(ours, ref):
     np.testing.assert_allclose(a, r, rtol=2e-5, atol=2e-5 * float(jnp.abs(r).max()))
+
+
+def test_thin_input_is_transposed_exactly_by_the_identity_product():
+  # The per-pixel MLP's (N, 16) input reaches its weight gradient transposed by a product with the
+  # identity (layers._cpu_dense_grads): the same bits as a transpose, so the same weight gradient.
+  import jax
+  k = np.random.default_rng(0)
+  x2 = jnp.asarray(k.standard_normal((4096, 16)) * np.exp(k.uniform(-30, 30, (4096, 16))), jnp.float32)
+  g2 = jnp.asarray(k.standard_normal((4096, 64)), jnp.float32)
+  w = jnp.asarray(k.standard_normal((16, 64)), jnp.float32)
+  dx, dw = jax.jit(layers._cpu_dense_grads)(x2, w, g2)
+  np.testing.assert_array_equal(dw, jax.jit(lambda x, g: jax.lax.optimization_barrier(x.T) @ g)(x2, g2))
+  np.testing.assert_array_equal(dx, jax.jit(lambda g, w: g @ w.T)(g2, w))
