@@ -206,14 +206,14 @@ def test_two_processes_train_resume_preempt_and_sample_like_one(tmp_path):
   job.procs[1].send_signal(signal.SIGKILL)
   job.procs[1].wait()
   job.kill()
-  logged = max(_metrics(multi))  # the killed run logged steps past its last checkpoint
+  logged = max(_metrics(multi), default=0)  # the killed run logged steps past its last checkpoint
 
   # Restart both: the run resumes; SIGTERM to process 1 alone (JAX's preemption service tells
   # process 0) stops both at the same step, with one checkpoint there, and exit code 0. The signal
   # goes once the restarted run logs a step the killed one did not: a SIGTERM during start-up,
   # before JAX's service owns the signal, would end process 1 alone.
   job = Job("pixeldit_jax.main", [f"--workdir={multi}", *forever], 2, logs)
-  _wait_for(lambda: max(_metrics(multi)) > logged, 240, job, "steps after the resume")
+  _wait_for(lambda: max(_metrics(multi), default=0) > logged, 240, job, "steps after the resume")
   job.procs[1].send_signal(signal.SIGTERM)
   job.check_ok(120)
   stop = max(_metrics(multi))
