@@ -87,8 +87,11 @@ class Job:
     except subprocess.TimeoutExpired:
       self.dump_stacks()
       self.kill()
-      raise AssertionError("timed out; the last output:\n" + "\n".join(
-          f"--- process {i}\n{self.output(i)[-6000:]}" for i in range(self.n)))
+      raise AssertionError("timed out; the last output:\n" + self.tails())
+
+  def tails(self) -> str:
+    """The end of each process's output (room for the stacks dump_stacks writes)."""
+    return "\n".join(f"--- process {i}\n{self.output(i)[-6000:]}" for i in range(self.n))
 
   def dump_stacks(self):
     """SIGABRT to the processes still running: faulthandler writes their threads' stacks."""
@@ -141,13 +144,11 @@ def _wait_for(cond, seconds: float, job: Job, what: str):
       return
     if any(p.poll() is not None for p in job.procs):
       job.kill()
-      raise AssertionError(f"a process ended while waiting for {what}:\n" + "\n".join(
-          f"--- process {i}\n{job.output(i)[-3000:]}" for i in range(job.n)))
+      raise AssertionError(f"a process ended while waiting for {what}:\n" + job.tails())
     time.sleep(0.2)
   job.dump_stacks()
   job.kill()
-  raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(
-      f"--- process {i}\n{job.output(i)[-3000:]}" for i in range(job.n)))
+  raise AssertionError(f"timed out waiting for {what}:\n" + job.tails())
 
 
 # One process of 4 devices, fed what 2 processes read together. The pipeline gives each process
