@@ -7,7 +7,9 @@ The benchmark of record for speed claims. `--official` is a local checkout of th
 copied here; torch comes from the optional extra (`pip install "pixeldit-jax[torch]"`).
 
 Configs (configs/tiny.py): tiny = 64^2, hidden 256, 4 heads, patch 8, depths 4+1, batch 8;
-small = 256^2, hidden 768, 12 heads, patch 16, depths 2+1, batch 2. fp32 on the CPU.
+small = 256^2, hidden 768, 12 heads, patch 16, depths 2+1, batch 2. fp32 on the CPU; with
+`--precision bf16` both sides compute in bf16 as their accelerator recipes do (official: autocast,
+as Lightning's `bf16-mixed`; ours: the model's compute dtype), parameters, optimizer and EMA fp32.
 
   train    one optimisation step as each codebase trains: flow-matching loss (logit-normal t,
            10% label dropout), backward, global-norm clip 1.0, AdamW (lr 1e-4, wd 0), EMA update.
@@ -42,6 +44,7 @@ CONFIGS = {  # configs/tiny.py sizes, as the official constructor takes them
     "small": dict(image=256, batch=2, patch_size=16, hidden_size=768, num_heads=12, patch_depth=2,
                   pixel_depth=1),
 }
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}  # --precision -> our model's compute dtype
 NUM_CLASSES, PIXEL_DIM, LR, CLIP, EMA_DECAY, LABEL_DROPOUT = 1000, 16, 1e-4, 1.0, 0.9999, 0.1
 
 
@@ -78,7 +81,9 @@ def time_steps(step, steps: int, warmup: int) -> list:
   return times
 
 
-def _official_worker(cfg: dict, what: str, compiled: bool, steps: int, warmup: int, official: str):
+def _official_worker(cfg: dict, what: str, compiled: bool, steps: int, warmup: int, official: str,
+                     precision: str = "fp32"):
+  import contextlib  # noqa: PLC0415
   import copy  # noqa: PLC0415
   import torch  # noqa: PLC0415
   sys.path.insert(0, official)
@@ -95,13 +100,17 @@ def _official_worker(cfg: dict, what: str, compiled: bool, steps: int, warmup: i
   gen = torch.Generator().manual_seed(0)
   images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen)
   labels = torch.randint(0, NUM_CLASSES, (b,), generator=gen)
+  # bf16: what the official recipes' Lightning `precision: bf16-mixed` does, autocast around the
+  # forward and the loss (fp32 parameters, optimizer and EMA).
+  mixed = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16"
+           else contextlib.nullcontext)
 
   if what == "forward":
     net.eval()
     x, t = torch.randn(b, 3, s, s), torch.rand(b)
 
     def step():
-      with torch.inference_mode():
+      with torch.inference_mode(), mixed():
         net(x, t, labels)
   else:
     params = list(net.parameters())
@@ -114,7 +123,8 @@ def _official_worker(cfg: dict, what: str, compiled: bool, steps: int, warmup: i
       t = torch.randn(b).sigmoid()
       noise = torch.randn_like(x)
       tt = t.view(-1, 1, 1, 1)
-      loss = ((net(tt * x + (1 - tt) * noise, t, y) - (x - noise)) ** 2).mean()
+      with mixed():
+        loss = ((net(tt * x + (1 - tt) * noise, t, y) - (x - noise)) ** 2).mean()
       opt.zero_grad(set_to_none=True)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(params, CLIP)
@@ -123,12 +133,15 @@ def _official_worker(cfg: dict, what: str, compiled: bool, steps: int, warmup: i
         torch._foreach_mul_(ema_params, EMA_DECAY)
         torch._foreach_add_(ema_params, params, alpha=1.0 - EMA_DECAY)
 
+  with torch.no_grad(), mixed():  # the dtype the model computes in, as the step runs it
+    probe = net(images[:1].float() / 127.5 - 1.0, torch.rand(1), labels[:1])
   times = time_steps(step, steps, warmup)
   return dict(times=times, threads=torch.get_num_threads(), version=torch.__version__,
-              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+              compute_dtype=str(probe.dtype).replace("torch.", ""))
 
 
-def ours_step(cfg_name: str, what: str, scan: bool = False):
+def ours_step(cfg_name: str, what: str, scan: bool = False, precision: str = "fp32"):
   """(step, compiled_text): one call of our train step or sampling forward, and the compiled HLO
   text of that program (bench/matmul_floor.py reads its products)."""
   import jax  # noqa: PLC0415
@@ -142,6 +155,7 @@ def ours_step(cfg_name: str, what: str, scan: bool = False):
 
   config = config_lib.load(f"{ROOT}/configs/tiny.py:size={cfg_name}")
   config.model.scan_layers = scan
+  config.model.dtype = PRECISIONS[precision]  # parameters, optimizer and EMA stay fp32
   config.train.lr, config.train.grad_clip, config.train.weight_decay = LR, CLIP, 0.0
   config.train.ema_decay, config.train.label_dropout = EMA_DECAY, LABEL_DROPOUT
   config.train.warmup_steps = 0
@@ -175,20 +189,22 @@ def ours_step(cfg_name: str, what: str, scan: bool = False):
   return step, lambda: train_step.lower(holder[0], batch, {}).compile().as_text()
 
 
-def _ours_worker(cfg_name: str, what: str, steps: int, warmup: int, scan: bool):
+def _ours_worker(cfg_name: str, what: str, steps: int, warmup: int, scan: bool, precision: str):
   import jax  # noqa: PLC0415
-  step, _ = ours_step(cfg_name, what, scan)
+  step, _ = ours_step(cfg_name, what, scan, precision)
   times = time_steps(step, steps, warmup)
   return dict(times=times, version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
-              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+              compute_dtype=PRECISIONS[precision])
 
 
 def worker(spec: dict) -> dict:
   cfg = CONFIGS[spec["config"]]
   if spec["side"] == "ours":
-    return _ours_worker(spec["config"], spec["what"], spec["steps"], spec["warmup"], spec.get("scan", False))
+    return _ours_worker(spec["config"], spec["what"], spec["steps"], spec["warmup"], spec.get("scan", False),
+                        spec.get("precision", "fp32"))
   return _official_worker(cfg, spec["what"], spec["side"] == "official_compiled", spec["steps"],
-                          spec["warmup"], spec["official"])
+                          spec["warmup"], spec["official"], spec.get("precision", "fp32"))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -224,7 +240,8 @@ def table_lines(report: dict) -> list:
   """The markdown table of a report (bench/results/vs_official.md)."""
   m = report["machine"]
   sides = [s for s in SIDES if s in report["rows"][0]]
-  lines = [f"{m['cpu']}, {m['cores']} cores, fp32, {report['date']}: `{report['command']}`", "",
+  precision = report.get("precision", "fp32")
+  lines = [f"{m['cpu']}, {m['cores']} cores, {precision}, {report['date']}: `{report['command']}`", "",
            "images/s from the median step (in brackets: from the 90th and 10th percentile step times)", ""]
   head = "| config | measure | " + " | ".join(sides) + (" | ours / best official |" if "ours" in sides else " |")
   lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -253,6 +270,8 @@ def main() -> int:
   ap.add_argument("--steps", type=int, default=8, help="timed steps per process")
   ap.add_argument("--warmup", type=int, default=3, help="untimed steps per process (compile included)")
   ap.add_argument("--scan", action="store_true", help="ours with scanned blocks (default: unrolled)")
+  ap.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                  help="compute precision of both sides (bf16: autocast / bf16 model dtype, fp32 params)")
   ap.add_argument("--max_busy", type=float, default=0.15,
                   help="refuse to start a round while more than this share of the CPU is busy")
   ap.add_argument("--tune_official_malloc", action="store_true",
@@ -303,7 +322,7 @@ def main() -> int:
                 f"stop them, or raise --max_busy (now {args.max_busy})", file=sys.stderr)
           return 1
         spec = dict(side=side, config=c, what=w, steps=args.steps, warmup=args.warmup, official=official,
-                    scan=args.scan)
+                    scan=args.scan, precision=args.precision)
         out = run_worker(spec, args.tune_official_malloc)
         if out.get("error"):
           errors.setdefault((c, w, side), out["error"])
@@ -338,7 +357,8 @@ def main() -> int:
   except OSError:
     pass
   report = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                machine=dict(cpu=cpu, cores=os.cpu_count()), rounds=args.rounds, steps=args.steps,
+                machine=dict(cpu=cpu, cores=os.cpu_count()), precision=args.precision,
+                rounds=args.rounds, steps=args.steps,
                 command=" ".join(["python", "bench/vs_official.py"] + sys.argv[1:]), sides=meta, rows=rows,
                 official_malloc_tuned=args.tune_official_malloc)
   lines = table_lines(report)
