@@ -26,6 +26,12 @@ samplers) is compiled ahead of time and followed by a barrier, so that all proce
 together, whatever new device groups it brings. Barriers go through the coordination service,
 which waits for minutes, not through device collectives.
 
+Start-up. jax.distributed.initialize() blocks until every process has joined the coordinator, and
+when one never does (it crashed while starting, or the address or process count is wrong) JAX
+aborts the process with a fatal-error stack dump after its timeout. Here a watchdog ends the wait
+first, with one `error:` line naming the coordinator and the process count, and exit code 2.
+PIXELDIT_INIT_TIMEOUT_S sets the wait (default 300 s, JAX's own).
+
 Preemption. JAX's preemption service (started by jax.distributed.initialize) owns SIGTERM in a
 multi-process run: a signal to any one process reaches all of them, and
 multihost_utils.reached_preemption_sync_point(step) turns True at the same step everywhere. The
@@ -35,8 +41,10 @@ trainer must then not install a Python SIGTERM handler, which would replace JAX'
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import threading
 from typing import Any, Callable
 
 import jax
@@ -44,6 +52,8 @@ import numpy as np
 
 COORDINATOR_ENV = ("PIXELDIT_COORDINATOR", "PIXELDIT_NUM_PROCESSES", "PIXELDIT_PROCESS_ID")
 AUTO_ENV = "PIXELDIT_DISTRIBUTED"
+INIT_TIMEOUT_ENV = "PIXELDIT_INIT_TIMEOUT_S"
+INIT_TIMEOUT_S = 300  # JAX's default wait for every process to join
 # A barrier waits this long for the slowest process (a cold compile of a large model on a busy
 # host takes minutes). A process that died is noticed sooner, by the coordinator's heartbeats.
 BARRIER_TIMEOUT_S = 30 * 60
@@ -65,15 +75,57 @@ def initialize() -> bool:
       raise ValueError(f"PIXELDIT_NUM_PROCESSES={num!r} and PIXELDIT_PROCESS_ID={pid!r} must be "
                        "integers") from None
     _before_initialize()
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
-                               cluster_detection_method="deactivate")
+    timeout = _init_timeout_s()
+    with _join_watchdog(timeout, f"process {process_id} of {num_processes}: the job's processes did not "
+                        f"all join the coordinator at {coordinator}"):
+      jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                                 cluster_detection_method="deactivate",
+                                 initialization_timeout=timeout + _JAX_GRACE_S)
   elif os.environ.get(AUTO_ENV, "0") not in ("", "0"):
     _before_initialize()
-    jax.distributed.initialize()
+    timeout = _init_timeout_s()
+    with _join_watchdog(timeout, "the job's processes did not all join (jax.distributed.initialize "
+                        "with the cluster's own coordinates)"):
+      jax.distributed.initialize(initialization_timeout=timeout + _JAX_GRACE_S)
   else:
     return False
   _after_initialize()
   return True
+
+
+_JAX_GRACE_S = 30  # JAX's own timeout runs this much longer, so that the watchdog speaks first
+
+
+def _init_timeout_s() -> int:
+  raw = os.environ.get(INIT_TIMEOUT_ENV, str(INIT_TIMEOUT_S))
+  try:
+    timeout = int(raw)
+  except ValueError:
+    timeout = 0
+  if timeout <= 0:
+    raise ValueError(f"{INIT_TIMEOUT_ENV}={raw!r} must be a positive whole number of seconds")
+  return timeout
+
+
+@contextlib.contextmanager
+def _join_watchdog(timeout_s: int, what: str):
+  """Exit with one `error:` line if the block (jax.distributed.initialize, which releases the GIL
+  while it waits) is still running after `timeout_s`: JAX's own timeout aborts the process with a
+  stack dump instead."""
+
+  def expire():
+    os.write(2, (f"error: {what} within {timeout_s} s: start all of them (one crashed while "
+                 f"starting? see its log), check the address and process count, or raise "
+                 f"{INIT_TIMEOUT_ENV}\n").encode())
+    os._exit(2)  # noqa: SLF001 - the main thread is blocked inside JAX; nothing else can end it
+
+  timer = threading.Timer(timeout_s, expire)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
 
 
 def _before_initialize():

@@ -52,7 +52,7 @@ def _env(devices: int, **extra) -> dict:
              PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
-  for k in distributed.COORDINATOR_ENV + (distributed.AUTO_ENV,):
+  for k in distributed.COORDINATOR_ENV + (distributed.AUTO_ENV, distributed.INIT_TIMEOUT_ENV):
     env.pop(k, None)
   env.update(extra)
   return env
@@ -246,11 +246,16 @@ def test_two_processes_train_resume_preempt_and_sample_like_one(tmp_path):
 def test_distributed_start_up_reads_the_launchers_environment(monkeypatch):
   calls = []
   monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-  for k in distributed.COORDINATOR_ENV + (distributed.AUTO_ENV,):
+  for k in distributed.COORDINATOR_ENV + (distributed.AUTO_ENV, distributed.INIT_TIMEOUT_ENV):
     monkeypatch.delenv(k, raising=False)
   assert distributed.initialize() is False and not calls
   monkeypatch.setenv("PIXELDIT_DISTRIBUTED", "1")
-  assert distributed.initialize() is True and calls[-1] == ((), {})
+  # JAX's own timeout is left 30 s longer than the watchdog's (300 s by default).
+  assert distributed.initialize() is True and calls[-1] == ((), dict(initialization_timeout=330))
+  monkeypatch.setenv("PIXELDIT_INIT_TIMEOUT_S", "0")
+  with pytest.raises(ValueError, match="PIXELDIT_INIT_TIMEOUT_S='0' must be a positive"):
+    distributed.initialize()
+  monkeypatch.setenv("PIXELDIT_INIT_TIMEOUT_S", "60")
   monkeypatch.setenv("PIXELDIT_COORDINATOR", "10.0.0.1:1234")
   with pytest.raises(ValueError, match="PIXELDIT_NUM_PROCESSES"):
     distributed.initialize()
@@ -261,9 +266,29 @@ def test_distributed_start_up_reads_the_launchers_environment(monkeypatch):
   monkeypatch.setenv("PIXELDIT_PROCESS_ID", "2")
   assert distributed.initialize() is True
   assert calls[-1] == (("10.0.0.1:1234",), dict(num_processes=4, process_id=2,
-                                                  cluster_detection_method="deactivate"))
+                                                  cluster_detection_method="deactivate",
+                                                  initialization_timeout=90))
   assert distributed.jax.config.jax_cpu_collectives_implementation == "gloo"
   # In one process: no barrier, no preemption service, and Synced is the jitted function.
   distributed.barrier("nothing to wait for")
   assert not distributed.preemption_service_active()
   assert int(distributed.Synced(distributed.jax.jit(lambda x: x + 1), "add")(1)) == 2
+
+
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_a_process_that_never_joins_is_one_line_not_a_fatal_abort(tmp_path, process_id):
+  """One process of two started: the coordinator (0) waits for a peer that never comes, a worker
+  (1) for a coordinator that is not there. Either ends after PIXELDIT_INIT_TIMEOUT_S with one
+  `error:` line and exit code 2, before JAX's own timeout aborts it with a stack dump."""
+  env = _env(1, PIXELDIT_COORDINATOR=f"127.0.0.1:{_free_port()}", PIXELDIT_NUM_PROCESSES="2",
+             PIXELDIT_PROCESS_ID=str(process_id), PIXELDIT_INIT_TIMEOUT_S="3")
+  start = time.monotonic()
+  r = subprocess.run([sys.executable, "-m", "pixeldit_jax.main", "--config=configs/tiny.py",
+                      f"--workdir={tmp_path}/run"], cwd=REPO, env=env, text=True, capture_output=True,
+                     timeout=timeout(120))
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith(f"error: process {process_id} of 2: the job's processes "
+                                                 "did not all join the coordinator at 127.0.0.1:"), r.stderr[-3000:]
+  assert "within 3 s" in lines[0] and "PIXELDIT_INIT_TIMEOUT_S" in lines[0]
+  assert time.monotonic() - start < 60
