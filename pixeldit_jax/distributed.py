@@ -54,6 +54,7 @@ COORDINATOR_ENV = ("PIXELDIT_COORDINATOR", "PIXELDIT_NUM_PROCESSES", "PIXELDIT_P
 AUTO_ENV = "PIXELDIT_DISTRIBUTED"
 INIT_TIMEOUT_ENV = "PIXELDIT_INIT_TIMEOUT_S"
 INIT_TIMEOUT_S = 300  # JAX's default wait for every process to join
+_JAX_GRACE_S = 30  # JAX's own timeout runs this much longer, so that the watchdog speaks first
 # A barrier waits this long for the slowest process (a cold compile of a large model on a busy
 # host takes minutes). A process that died is noticed sooner, by the coordinator's heartbeats.
 BARRIER_TIMEOUT_S = 30 * 60
@@ -91,9 +92,6 @@ def initialize() -> bool:
     return False
   _after_initialize()
   return True
-
-
-_JAX_GRACE_S = 30  # JAX's own timeout runs this much longer, so that the watchdog speaks first
 
 
 def _init_timeout_s() -> int:
