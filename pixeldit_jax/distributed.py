@@ -41,14 +41,14 @@ trainer must then not install a Python SIGTERM handler, which would replace JAX'
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import threading
 from typing import Any, Callable
 
 import jax
 import numpy as np
+
+from pixeldit_jax import logs
 
 COORDINATOR_ENV = ("PIXELDIT_COORDINATOR", "PIXELDIT_NUM_PROCESSES", "PIXELDIT_PROCESS_ID")
 AUTO_ENV = "PIXELDIT_DISTRIBUTED"
@@ -105,7 +105,6 @@ def _init_timeout_s() -> int:
   return timeout
 
 
-@contextlib.contextmanager
 def _join_watchdog(timeout_s: int, what: str):
   """Exit with one `error:` line if the block (jax.distributed.initialize, which releases the GIL
   while it waits) is still running after `timeout_s`: JAX's own timeout aborts the process with a
@@ -117,13 +116,7 @@ def _join_watchdog(timeout_s: int, what: str):
                  f"{INIT_TIMEOUT_ENV}\n").encode())
     os._exit(2)  # noqa: SLF001 - the main thread is blocked inside JAX; nothing else can end it
 
-  timer = threading.Timer(timeout_s, expire)
-  timer.daemon = True
-  timer.start()
-  try:
-    yield
-  finally:
-    timer.cancel()
+  return logs.if_still_running(timeout_s, expire)
 
 
 def _before_initialize():

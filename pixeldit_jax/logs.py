@@ -45,16 +45,21 @@ def console(msg: str, *args) -> None:
 
 
 @contextlib.contextmanager
-def after(seconds: float, msg: str, *args):
-  """Say `msg` on the console only if the block is still running after `seconds` (a wait that is
-  usually instant but can take minutes, e.g. a checkpoint upload)."""
-  timer = threading.Timer(seconds, console, (msg, *args))
+def if_still_running(seconds: float, fn: Callable, *args):
+  """Call fn(*args) from a timer thread if the block is still running after `seconds`."""
+  timer = threading.Timer(seconds, fn, args)
   timer.daemon = True
   timer.start()
   try:
     yield
   finally:
     timer.cancel()
+
+
+def after(seconds: float, msg: str, *args):
+  """Say `msg` on the console only if the block is still running after `seconds` (a wait that is
+  usually instant but can take minutes, e.g. a checkpoint upload)."""
+  return if_still_running(seconds, console, msg, *args)
 
 
 class _TqdmStream:
