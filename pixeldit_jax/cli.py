@@ -7,6 +7,9 @@ fix, not a traceback. The traceback is still there for bugs, and for expected er
 
     python -m pixeldit_jax.main ...        run_absl(main, define_flags)
     python -m pixeldit_jax.evaluate ...    sys.exit(guard(lambda: main(argv)))
+
+In a job of several processes, an entry point that ends on its own tells the others (peers.leave);
+one that outlives a peer ends at once with one line and exit code 3 (peers.EXIT).
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ def disk_problem(e: BaseException) -> Optional[str]:
       return m.group(0).lower()
     e = e.__cause__ or e.__context__
   return None
+
+
+def _peers():
+  """pixeldit_jax.peers once a job of several processes was started (no JAX import otherwise)."""
+  return sys.modules.get("pixeldit_jax.peers")
 
 
 def is_expected(e: BaseException) -> bool:
@@ -126,14 +134,31 @@ def guard(fn: Callable[[], Optional[int]], argv: Optional[Sequence[str]] = None,
   propagate with their traceback. `hint(e)` may add context (e.g. the last good checkpoint)."""
   argv = sys.argv if argv is None else argv
   try:
-    return int(fn() or 0)
+    code = int(fn() or 0)
   except KeyboardInterrupt:
+    _leave(clean=False)
     print("error: interrupted", file=sys.stderr)
     return 130
   except Exception as e:  # noqa: BLE001 - sorted into expected (one line) and bugs (re-raised)
+    peers = _peers()
+    reason = peers.lost_peer(e) if peers else None
+    if reason is not None:  # a collective failed because another process is gone
+      if debug_requested(argv):
+        traceback.print_exception(e)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      peers.exit_lost(peers.line(f"another process of the job stopped ({reason})"))  # exits, unless already ending
+    _leave(clean=False)  # this process's own failure: the others hear of it and say so
     if not is_expected(e):
       raise
     return report(e, argv, hint(e), silence_rest)
+  _leave(clean=code == 0)
+  return code
+
+
+def _leave(clean: bool):
+  if _peers():
+    _peers().leave(clean)
 
 
 # ----------------------------------------------------------------------------- absl entry points

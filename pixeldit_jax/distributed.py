@@ -32,6 +32,9 @@ aborts the process with a fatal-error stack dump after its timeout. Here a watch
 first, with one `error:` line naming the coordinator and the process count, and exit code 2.
 PIXELDIT_INIT_TIMEOUT_S sets the wait (default 300 s, JAX's own).
 
+A process lost later: the others notice at once and end with one `error:` line and exit code 3
+(pixeldit_jax/peers.py), not after JAX's 100 s heartbeat timeout with a fatal abort.
+
 Preemption. JAX's preemption service (started by jax.distributed.initialize) owns SIGTERM in a
 multi-process run: a signal to any one process reaches all of them, and
 multihost_utils.reached_preemption_sync_point(step) turns True at the same step everywhere. The
@@ -48,7 +51,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from pixeldit_jax import logs
+from pixeldit_jax import logs, peers
 
 COORDINATOR_ENV = ("PIXELDIT_COORDINATOR", "PIXELDIT_NUM_PROCESSES", "PIXELDIT_PROCESS_ID")
 AUTO_ENV = "PIXELDIT_DISTRIBUTED"
@@ -126,6 +129,10 @@ def _before_initialize():
 
 
 def _after_initialize():
+  if jax.process_count() > 1:
+    from jax._src import distributed as jax_distributed  # noqa: PLC0415
+    host = jax_distributed.global_state.coordinator_address.rsplit(":", 1)[0].strip("[]")
+    peers.watch(_client(), jax.process_index(), jax.process_count(), host)
   if jax.process_count() > 1 and jax.default_backend() == "cpu":
     warm_collectives()
 

@@ -9,6 +9,7 @@ sampling binary as 2 processes; the losses and the samples equal those of one pr
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from helpers import timeout
-from pixeldit_jax import distributed
+from pixeldit_jax import distributed, peers
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -200,13 +201,24 @@ def test_two_processes_train_resume_preempt_and_sample_like_one(tmp_path):
   multi, single, logs = str(tmp_path / "multi"), str(tmp_path / "single"), tmp_path / "logs"
   forever = ["--config.train.num_steps=1000000"]
 
-  # Train until checkpoint 3 is complete, then SIGKILL process 1, and process 0 after it (as a
-  # scheduler restarting the job would).
+  # Train until checkpoint 3 is complete, then SIGKILL process 1: process 0 ends at once, with one
+  # `error:` line and exit code 3 (peers.py), and a scheduler would restart the job.
   job = Job("pixeldit_jax.main", [f"--workdir={multi}", *forever], 2, logs)
   _wait_for(lambda: 3 in _steps(multi), 240, job, "checkpoint 3")
   job.procs[1].send_signal(signal.SIGKILL)
   job.procs[1].wait()
-  job.kill()
+  try:
+    code = job.procs[0].wait(timeout=timeout(60))
+  except subprocess.TimeoutExpired:
+    job.dump_stacks()
+    job.kill()
+    raise AssertionError("process 0 went on without process 1:\n" + job.tails())
+  out = job.output(0)
+  errors = [l for l in out.splitlines() if l.startswith("error:")]
+  assert code == peers.EXIT and len(errors) == 1, out[-3000:]
+  assert re.match(r"error: process 0 of 2: (?:process 1 stopped without finishing|another process of the "
+                  r"job stopped \(.*\)); see its log, then restart every process of the job", errors[0]), errors
+  assert "Traceback" not in out and "Check failure" not in out, out[-3000:]
   logged = max(_metrics(multi), default=0)  # the killed run logged steps past its last checkpoint
 
   # Restart both: the run resumes; SIGTERM to process 1 alone (JAX's preemption service tells
@@ -295,3 +307,87 @@ def test_a_process_that_never_joins_is_one_line_not_a_fatal_abort(tmp_path):
         f"error: process {pid} of 2: the job's processes did not all join the coordinator at 127.0.0.1:"), err[-3000:]
     assert "within 3 s" in lines[0] and "PIXELDIT_INIT_TIMEOUT_S" in lines[0]
   assert time.monotonic() - start < 60
+
+
+LOSES_A_PEER = """
+import os, signal, sys, time
+import numpy as np
+from pixeldit_jax import cli, distributed
+
+def main():
+  distributed.initialize()
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((jax.device_count(),), ("all",), axis_types=(jax.sharding.AxisType.Auto,))
+  ones = jax.make_array_from_process_local_data(NamedSharding(mesh, P("all")),
+                                                np.ones(jax.local_device_count(), np.float32))
+  total = distributed.Synced(jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P())), "sum")
+  victim = int(sys.argv[1])  # -1: none; process 1 then finishes first, process 0 a moment later
+  for i in range(1_000_000 if victim >= 0 else 20):
+    assert float(total(ones)) == jax.device_count()
+    if i == 10 and jax.process_index() == victim:
+      os.kill(os.getpid(), signal.SIGKILL)
+  if jax.process_index() == 0:
+    time.sleep(2)
+
+sys.exit(cli.guard(main))
+"""
+
+
+@pytest.mark.parametrize("processes,victim", [(2, 1), (3, 2), (2, None)])
+def test_a_process_that_loses_a_peer_is_one_line_and_exit_3(processes, victim):
+  """A process dies mid-run (SIGKILL): every other one ends at once with one `error:` line naming it
+  and exit code 3, not with a traceback and, after the heartbeat timeout (100 s), JAX's fatal abort.
+  victim=None: process 1 finishes first and process 0, still running, is not alarmed. (When process
+  0 dies, JAX's own abort races with the others' line: not tested.)"""
+  port, start = _free_port(), time.monotonic()
+  procs = [subprocess.Popen([sys.executable, "-c", LOSES_A_PEER, str(-1 if victim is None else victim)],
+                            cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(1, PIXELDIT_COORDINATOR=f"127.0.0.1:{port}",
+                                     PIXELDIT_NUM_PROCESSES=str(processes), PIXELDIT_PROCESS_ID=str(pid)))
+           for pid in range(processes)]
+  errs = [p.communicate(timeout=timeout(120))[1] for p in procs]
+  if victim is None:
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)
+    return
+  assert procs[victim].returncode == -signal.SIGKILL
+  for pid in range(processes):
+    if pid == victim:
+      continue
+    lines = [l for l in errs[pid].splitlines() if l.strip()]
+    assert procs[pid].returncode == peers.EXIT == 3, errs[pid][-3000:]
+    assert len(lines) == 1 and re.fullmatch(
+        rf"error: process {pid} of {processes}: (?:(?:process {victim}|another process) stopped without "
+        r"finishing|another process of the job stopped \(.*\)); see its log, then restart every process "
+        r"of the job",
+        lines[0]), errs[pid][-3000:]
+  assert time.monotonic() - start < 60  # not the heartbeat timeout's 100 s
+
+
+def test_lost_peer_reads_the_runtimes_errors_and_connections_are_optional(monkeypatch, caplog):
+  gloo = RuntimeError("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] "
+                      "Read error [127.0.0.1]:27551: Connection reset by peer")
+  monkeypatch.setattr(peers, "_state", dict(peers._state))  # watch() below changes it
+  assert peers.lost_peer(gloo) is None  # one process: never
+  peers._state["count"] = 2
+  assert peers.lost_peer(gloo) == "Gloo AllGather failed: Read error [127.0.0.1]:27551: Connection reset by peer"
+  try:  # found in what an exception wraps, on its line
+    try:
+      raise RuntimeError("INTERNAL: Barrier failed\nUNAVAILABLE: Task 1 heartbeat timeout. This indicates ...")
+    except RuntimeError as inner:
+      raise ValueError("checkpoint save failed") from inner
+  except ValueError as outer:
+    assert peers.lost_peer(outer) == "Task 1 heartbeat timeout. This indicates ..."
+  assert peers.lost_peer(RuntimeError("RESOURCE_EXHAUSTED: out of memory")) is None
+
+  class NoCoordinator:  # the port never published: the run goes on, with a warning
+    def blocking_key_value_get(self, key, timeout_ms):
+      raise RuntimeError("DEADLINE_EXCEEDED")
+  with caplog.at_level("WARNING"):
+    peers.watch(NoCoordinator(), 1, 2, "127.0.0.1")
+  assert "Not watching the job's other processes (RuntimeError: DEADLINE_EXCEEDED)" in caplog.text
+  assert peers._state["socks"] == {}
+  caplog.clear()
+  monkeypatch.setenv(peers.ENV, "0")  # turned off: the coordinator is not even asked
+  peers.watch(NoCoordinator(), 1, 2, "127.0.0.1")
+  assert not caplog.text
