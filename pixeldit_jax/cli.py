@@ -131,14 +131,17 @@ def guard(fn: Callable[[], Optional[int]], argv: Optional[Sequence[str]] = None,
           hint: Callable[[BaseException], Optional[str]] = lambda e: None,
           silence_rest: bool = False) -> int:
   """Run an entry point's body: expected errors become one line and exit code 2, other exceptions
-  propagate with their traceback. `hint(e)` may add context (e.g. the last good checkpoint)."""
+  propagate with their traceback. `hint(e)` may add context (e.g. the last good checkpoint).
+
+  In a job of several processes (module docstring), a process that fails ends at once, after its
+  line or traceback, and the others end with one line naming it (peers.py)."""
   argv = sys.argv if argv is None else argv
   try:
     code = int(fn() or 0)
   except KeyboardInterrupt:
     _leave(clean=False)
     print("error: interrupted", file=sys.stderr)
-    return 130
+    return _end(130)
   except Exception as e:  # noqa: BLE001 - sorted into expected (one line) and bugs (re-raised)
     peers = _peers()
     reason = peers.lost_peer(e) if peers else None
@@ -150,9 +153,23 @@ def guard(fn: Callable[[], Optional[int]], argv: Optional[Sequence[str]] = None,
       peers.exit_lost(peers.line(f"another process of the job stopped ({reason})"))  # exits, unless already ending
     _leave(clean=False)  # this process's own failure: the others hear of it and say so
     if not is_expected(e):
-      raise
-    return report(e, argv, hint(e), silence_rest)
+      if not (peers and peers.in_job()):
+        raise
+      traceback.print_exception(e)
+      return _end(1)
+    return _end(report(e, argv, hint(e), silence_rest))
   _leave(clean=code == 0)
+  return code if code == 0 else _end(code)
+
+
+def _end(code: int) -> int:
+  """`code`; in a job of several processes, end now with it: JAX's exit handler would hold this
+  process at a shutdown barrier for the others, which are not coming (5 minutes, then an abort)."""
+  peers = _peers()
+  if peers and peers.in_job():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # noqa: SLF001
   return code
 
 

@@ -9,7 +9,9 @@ callback the status). So the job's processes also hold plain TCP connections, ea
   - process 0 listens on a free port and publishes it, with a random token, through the
     coordinator's key-value store; each other process connects to it at the coordinator's host
     and says the token and its process index (a connection that does not is ignored);
-  - a process that ends cleanly says "bye" first (``leave(clean=True)``, from the entry point);
+  - a process that ends cleanly says "bye" first (``leave(clean=True)``, from the entry point, or
+    at exit); one that fails says nothing, and ends at once (cli.guard), so that JAX's exit
+    handler does not hold it at a shutdown barrier for the others (5 minutes, then an abort);
   - a connection that closes without a "bye" means that its process died or failed: the kernel
     closes a dead process's sockets at once. Process 0 tells the other processes which one it
     lost; each writes one `error:` line naming it and exits with code 3 (``EXIT``), which tells a
@@ -27,6 +29,7 @@ warning in the log; PIXELDIT_WATCH_PEERS=0 turns them off.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -116,18 +119,27 @@ def _line_start() -> bytes:
     return b""
 
 
+def in_job() -> bool:
+  """Whether this process is one of several (watched or not)."""
+  return _state["count"] > 1
+
+
 def leave(clean: bool):
-  """This process is ending on its own: stop watching, and (clean) tell the others not to mind."""
+  """This process is ending on its own: stop watching, and tell the others, who end too unless it
+  ends cleanly. Process 0 failing tells them itself, and gives them a moment to end, before it
+  goes: once it is gone, JAX would abort them for the lost coordinator."""
   with _lock:
     if _state["leaving"]:
       return
     _state["leaving"] = True
-    if clean:
-      for sock in list(_state["socks"]):
-        try:
-          sock.sendall(b"bye\n")
-        except OSError:
-          pass
+    if not clean and _state["process"] == 0:
+      _tell_and_wait(0)
+      return
+    for sock in list(_state["socks"]) if clean else ():
+      try:
+        sock.sendall(b"bye\n")
+      except OSError:
+        pass
 
 
 def watch(client, process: int, count: int, coordinator_host: str):
@@ -136,6 +148,10 @@ def watch(client, process: int, count: int, coordinator_host: str):
   _state.update(process=process, count=count, leaving=False, socks={})
   if os.environ.get(ENV, "1") == "0":
     return
+  # A program that does not end through cli.guard (a script) is taken to end cleanly. Its "bye"
+  # goes before JAX's own exit handler (registered earlier) holds every process at a shutdown
+  # barrier; without it, a peer's connection closing while this process exits would look lost.
+  atexit.register(leave, True)
   try:
     if process == 0:
       server, token = _listen(), secrets.token_hex(16)
@@ -151,6 +167,10 @@ def watch(client, process: int, count: int, coordinator_host: str):
   except Exception as e:  # noqa: BLE001 - without the connections the run goes on as JAX's alone
     logging.warning("Not watching the job's other processes (%s: %s): if one dies, JAX notices "
                     "after its heartbeat timeout and aborts this one.", type(e).__name__, e)
+
+
+def _who(index: Optional[int]) -> str:
+  return {0: "process 0 (the coordinator)", None: "another process"}.get(index, f"process {index}")
 
 
 def _listen() -> socket.socket:
@@ -190,10 +210,9 @@ def _watch(server: Optional[socket.socket], token: str):
         told = [l for l in lines[:-1] if l.startswith(b"lost ")]  # from process 0
         if told and info[0] == 0:
           who = told[0].split()[1].decode()
-          exit_lost(line(f"{'another process' if who == '?' else 'process ' + who} stopped without finishing"))
+          exit_lost(line(f"{_who(int(who) if who.isdigit() else None)} stopped without finishing"))
         continue
       sel.unregister(sock)
       _state["socks"].pop(sock, None)
       if info[0] is not None and not info[2]:
-        who = "process 0 (the coordinator)" if info[0] == 0 else f"process {info[0]}"
-        exit_lost(line(f"{who} stopped without finishing"), lost=info[0])
+        exit_lost(line(f"{_who(info[0])} stopped without finishing"), lost=info[0])

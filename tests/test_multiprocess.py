@@ -326,6 +326,8 @@ def main():
   for i in range(1_000_000 if victim >= 0 else 20):
     assert float(total(ones)) == jax.device_count()
     if i == 10 and jax.process_index() == victim:
+      if sys.argv[2] == "raise":
+        raise ValueError("boom: a value no process expected")
       os.kill(os.getpid(), signal.SIGKILL)
   if jax.process_index() == 0:
     time.sleep(2)
@@ -334,14 +336,17 @@ sys.exit(cli.guard(main))
 """
 
 
-@pytest.mark.parametrize("processes,victim", [(2, 1), (3, 2), (2, None)])
-def test_a_process_that_loses_a_peer_is_one_line_and_exit_3(processes, victim):
+@pytest.mark.parametrize("processes,victim,how", [(2, 1, "kill"), (3, 2, "kill"), (2, None, "kill"),
+                                                  (3, 1, "raise"), (2, 0, "raise")])
+def test_a_process_that_loses_a_peer_is_one_line_and_exit_3(processes, victim, how):
   """A process dies mid-run (SIGKILL): every other one ends at once with one `error:` line naming it
   and exit code 3, not with a traceback and, after the heartbeat timeout (100 s), JAX's fatal abort.
-  victim=None: process 1 finishes first and process 0, still running, is not alarmed. (When process
-  0 dies, JAX's own abort races with the others' line: not tested.)"""
+  A process that fails (raise) says its own error and exit code 2, at once: not after 5 minutes at
+  JAX's shutdown barrier, then an abort; the others end as if it had died. victim=None: process 1
+  finishes first and process 0, still running, is not alarmed. (When process 0 dies by SIGKILL,
+  JAX's own abort races with the others' line: not tested.)"""
   port, start = _free_port(), time.monotonic()
-  procs = [subprocess.Popen([sys.executable, "-c", LOSES_A_PEER, str(-1 if victim is None else victim)],
+  procs = [subprocess.Popen([sys.executable, "-c", LOSES_A_PEER, str(-1 if victim is None else victim), how],
                             cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=_env(1, PIXELDIT_COORDINATOR=f"127.0.0.1:{port}",
                                      PIXELDIT_NUM_PROCESSES=str(processes), PIXELDIT_PROCESS_ID=str(pid)))
@@ -350,16 +355,20 @@ def test_a_process_that_loses_a_peer_is_one_line_and_exit_3(processes, victim):
   if victim is None:
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)
     return
-  assert procs[victim].returncode == -signal.SIGKILL
+  if how == "kill":
+    assert procs[victim].returncode == -signal.SIGKILL
+  else:
+    assert procs[victim].returncode == 2 and errs[victim].strip() == (
+        "error: boom: a value no process expected"), errs[victim][-3000:]
+  who = r"process 0 \(the coordinator\)" if victim == 0 else f"process {victim}"
   for pid in range(processes):
     if pid == victim:
       continue
     lines = [l for l in errs[pid].splitlines() if l.strip()]
     assert procs[pid].returncode == peers.EXIT == 3, errs[pid][-3000:]
     assert len(lines) == 1 and re.fullmatch(
-        rf"error: process {pid} of {processes}: (?:(?:process {victim}|another process) stopped without "
-        r"finishing|another process of the job stopped \(.*\)); see its log, then restart every process "
-        r"of the job",
+        rf"error: process {pid} of {processes}: (?:(?:{who}|another process) stopped without finishing"
+        r"|another process of the job stopped \(.*\)); see its log, then restart every process of the job",
         lines[0]), errs[pid][-3000:]
   assert time.monotonic() - start < 60  # not the heartbeat timeout's 100 s
 
