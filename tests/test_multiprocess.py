@@ -2,9 +2,11 @@
 (PIXELDIT_COORDINATOR / PIXELDIT_NUM_PROCESSES / PIXELDIT_PROCESS_ID on 127.0.0.1, as
 launch/gpu_multinode.sh sets them), FSDP over the 4 devices, against one process with 4 devices.
 
-One scenario, to pay for the start-ups once: train, SIGKILL one process after a checkpoint, restart
-both (resume), SIGTERM one process (both save the same step and stop cleanly), sample with the
-sampling binary as 2 processes; the losses and the samples equal those of one process.
+One scenario, to pay for the start-ups once: train, SIGKILL one process after a checkpoint (the
+other ends with one line), restart both (resume), SIGTERM one process (both save the same step and
+stop cleanly), sample with the sampling binary as 2 processes; the losses and the samples equal
+those of one process. Start-up and mid-run failures (a process that never joins, dies or fails)
+run as small programs of their own: each must end every process in one line, at once.
 """
 
 import json
