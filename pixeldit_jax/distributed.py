@@ -131,8 +131,8 @@ def _before_initialize():
 def _after_initialize():
   if jax.process_count() > 1:
     from jax._src import distributed as jax_distributed  # noqa: PLC0415
-    host = jax_distributed.global_state.coordinator_address.rsplit(":", 1)[0].strip("[]")
-    peers.watch(_client(), jax.process_index(), jax.process_count(), host)
+    peers.watch(_client(), jax.process_index(), jax.process_count(),
+                jax_distributed.global_state.coordinator_address)
   if jax.process_count() > 1 and jax.default_backend() == "cpu":
     warm_collectives()
 

@@ -142,9 +142,10 @@ def leave(clean: bool):
         pass
 
 
-def watch(client, process: int, count: int, coordinator_host: str):
+def watch(client, process: int, count: int, coordinator: Optional[str]):
   """Connect the job's processes (module docstring) and watch the connections from a daemon
-  thread. `client` is JAX's distributed client (its key-value store)."""
+  thread. `client` is JAX's distributed client (its key-value store), `coordinator` its address
+  (host:port)."""
   _state.update(process=process, count=count, leaving=False, socks={})
   if os.environ.get(ENV, "1") == "0":
     return
@@ -158,8 +159,9 @@ def watch(client, process: int, count: int, coordinator_host: str):
       client.key_value_set(_KEY, f"{server.getsockname()[1]} {token}")
       threading.Thread(target=_watch, args=(server, token), name="pixeldit-peers", daemon=True).start()
     else:
+      host = coordinator.rsplit(":", 1)[0].strip("[]")  # [v6]:port too
       port, token = client.blocking_key_value_get(_KEY, _PUBLISH_TIMEOUT_S * 1000).split()
-      sock = socket.create_connection((coordinator_host, int(port)), timeout=_CONNECT_TIMEOUT_S)
+      sock = socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S)
       sock.settimeout(None)
       sock.sendall(f"{token} {process}\n".encode())
       _state["socks"][sock] = 0

@@ -395,10 +395,10 @@ def test_lost_peer_reads_the_runtimes_errors_and_connections_are_optional(monkey
     def blocking_key_value_get(self, key, timeout_ms):
       raise RuntimeError("DEADLINE_EXCEEDED")
   with caplog.at_level("WARNING"):
-    peers.watch(NoCoordinator(), 1, 2, "127.0.0.1")
+    peers.watch(NoCoordinator(), 1, 2, "127.0.0.1:1234")
   assert "Not watching the job's other processes (RuntimeError: DEADLINE_EXCEEDED)" in caplog.text
   assert peers._state["socks"] == {}
   caplog.clear()
   monkeypatch.setenv(peers.ENV, "0")  # turned off: the coordinator is not even asked
-  peers.watch(NoCoordinator(), 1, 2, "127.0.0.1")
+  peers.watch(NoCoordinator(), 1, 2, "127.0.0.1:1234")
   assert not caplog.text
