@@ -70,6 +70,10 @@ def _peers():
   return sys.modules.get("pixeldit_jax.peers")
 
 
+def _in_job() -> bool:
+  return bool(_peers() and _peers().in_job())
+
+
 def is_expected(e: BaseException) -> bool:
   return isinstance(e, tuple(_EXPECTED)) or disk_problem(e) is not None
 
@@ -153,7 +157,7 @@ def guard(fn: Callable[[], Optional[int]], argv: Optional[Sequence[str]] = None,
       peers.exit_lost(peers.line(f"another process of the job stopped ({reason})"))  # exits, unless already ending
     _leave(clean=False)  # this process's own failure: the others hear of it and say so
     if not is_expected(e):
-      if not (peers and peers.in_job()):
+      if not _in_job():
         raise
       traceback.print_exception(e)
       return _end(1)
@@ -165,8 +169,7 @@ def guard(fn: Callable[[], Optional[int]], argv: Optional[Sequence[str]] = None,
 def _end(code: int) -> int:
   """`code`; in a job of several processes, end now with it: JAX's exit handler would hold this
   process at a shutdown barrier for the others, which are not coming (5 minutes, then an abort)."""
-  peers = _peers()
-  if peers and peers.in_job():
+  if _in_job():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # noqa: SLF001

@@ -129,11 +129,12 @@ def _before_initialize():
 
 
 def _after_initialize():
-  if jax.process_count() > 1:
-    from jax._src import distributed as jax_distributed  # noqa: PLC0415
-    peers.watch(_client(), jax.process_index(), jax.process_count(),
-                jax_distributed.global_state.coordinator_address)
-  if jax.process_count() > 1 and jax.default_backend() == "cpu":
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # noqa: PLC0415
+  peers.watch(_client(), jax.process_index(), jax.process_count(),
+              jax_distributed.global_state.coordinator_address)
+  if jax.default_backend() == "cpu":
     warm_collectives()
 
 

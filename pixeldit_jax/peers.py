@@ -59,7 +59,7 @@ _state = dict(process=0, count=1, leaving=False, socks={})  # socks: socket -> t
 def lost_peer(e: BaseException) -> Optional[str]:
   """The runtime's reason, in one line, when `e` (or what it wraps) says that another process of
   the job is gone; None otherwise, and always outside a job of several processes."""
-  if _state["count"] < 2:
+  if not in_job():
     return None
   seen = set()
   while e is not None and id(e) not in seen:
